@@ -28,11 +28,16 @@ class Task(Protocol):
 
     ``build_model`` returns a network whose ``forward(x)`` returns
     ``(outputs, features)``, where ``features`` is a list of stage feature maps
-    ``[B, C_s, H_s, W_s]``. The network has a ``feature_channels`` attribute
-    with the channels ``C_s`` of those maps, in the same order.
+    ``[B, C_s, H_s, W_s]``. ``feature_channels`` lists the channels ``C_s`` of
+    those maps, in the same order.
     """
 
     name: str
+
+    @property
+    def feature_channels(self) -> tuple[int, ...]:
+        """Channels of the stage feature maps that the network returns."""
+        ...
 
     def build_model(self) -> nn.Module:
         """Build a freshly initialized target network."""
@@ -68,6 +73,11 @@ class ClassificationTask:
         _require_positive("in_channels", self.in_channels)
         _require_positive("width", self.width)
 
+    @property
+    def feature_channels(self) -> tuple[int, ...]:
+        """Channels of the four ResNet stage outputs: width, 2x, 4x and 8x."""
+        return (self.width, 2 * self.width, 4 * self.width, 8 * self.width)
+
     def build_model(self) -> ResNet18:
         return ResNet18(num_classes=self.num_classes, in_channels=self.in_channels, width=self.width)
 
@@ -94,20 +104,8 @@ def build_task(model_config: ModelConfig, num_classes: int, in_channels: int) ->
 
 
 def build_learner(task: Task, model_config: ModelConfig) -> LossLearner:
-    """Build the task's target network with a loss prediction module attached.
-
-    Raises:
-        TypeError: when the task's network has no ``feature_channels`` attribute.
-    """
-    target = task.build_model()
-    feature_channels = getattr(target, "feature_channels", None)
-    if feature_channels is None:
-        raise TypeError(
-            f"Task {task.name!r} built a {type(target).__name__} without a feature_channels "
-            "attribute; expected the channels of the stage feature maps that forward() returns."
-        )
-    loss_module = LossPredictionModule(feature_channels, dim=model_config.loss_module_dim)
-    return LossLearner(target, loss_module)
+    """Build the task's target network with a loss prediction module attached."""
+    return LossLearner(task.build_model(), task.feature_channels, dim=model_config.loss_module_dim)
 
 
 class BasicBlock(nn.Module):
@@ -226,12 +224,18 @@ class LossLearner(nn.Module):
     Holding both as submodules lets one DDP wrapper and one optimizer cover
     every parameter, so the loss prediction module keeps training after the
     gradient stop.
+
+    Args:
+        target: network whose ``forward(x)`` returns ``(outputs, features)``.
+        feature_channels: channels of the maps in ``features``, in order.
+        dim: units of each stage's fully connected layer in the loss
+            prediction module (128 in the paper).
     """
 
-    def __init__(self, target: nn.Module, loss_module: LossPredictionModule) -> None:
+    def __init__(self, target: nn.Module, feature_channels: Sequence[int], dim: int = 128) -> None:
         super().__init__()
         self.target = target
-        self.loss_module = loss_module
+        self.loss_module = LossPredictionModule(feature_channels, dim=dim)
 
     def forward(self, x: Tensor, detach_features: bool = False) -> tuple[Any, Tensor]:
         """Run the target network and predict each sample's loss.

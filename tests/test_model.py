@@ -54,6 +54,27 @@ def test_learner_output_shapes(in_channels: int, size: int, stage_sizes: tuple[i
         assert feature.shape == (6, channels, stage_size, stage_size)
 
 
+def test_task_feature_channels_match_network() -> None:
+    task = ClassificationTask(num_classes=10, in_channels=3, width=WIDTH)
+
+    model = task.build_model()
+    _, features = model(torch.randn(2, 3, 32, 32))
+
+    assert task.feature_channels == (4, 8, 16, 32)
+    assert model.feature_channels == task.feature_channels
+    assert tuple(feature.shape[1] for feature in features) == task.feature_channels
+
+
+def test_learner_builds_loss_module_from_channels() -> None:
+    learner = LossLearner(ResNet18(num_classes=3, in_channels=1, width=WIDTH), (4, 8, 16, 32), dim=6)
+
+    _, predicted = learner(torch.randn(2, 1, 28, 28))
+
+    assert learner.loss_module.feature_channels == (4, 8, 16, 32)
+    assert learner.loss_module.head.in_features == 4 * 6
+    assert predicted.shape == (2,)
+
+
 def test_resnet_encode_returns_penultimate_features() -> None:
     model = ResNet18(num_classes=3, in_channels=1, width=WIDTH).eval()
     images = torch.randn(2, 1, 28, 28)
