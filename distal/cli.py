@@ -1,0 +1,139 @@
+"""The ``distal`` command: ``distal cycle ...`` and ``distal pool import ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from distal.progress import configure_logging
+
+log = logging.getLogger("distal.cli")
+
+
+def add_cycle_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of a cycle run (shared by ``distal cycle`` and ``jobs/cycle.py``)."""
+    parser.add_argument("--config", help="YAML configuration file; keys not given keep their defaults")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one configuration key (dotted, YAML value), for example --set train.epochs=5; repeatable",
+    )
+    parser.add_argument("--run-dir", help="run directory URI (sets run_dir)")
+    parser.add_argument("--cycles", type=int, help="cycles the run directory should hold when the job ends (sets cycles)")
+    parser.add_argument("--oracle", action="store_true", default=None, help="simulation: label selections from the pool's label column (sets oracle=true)")
+    parser.add_argument("--address", help="Ray cluster address (sets ray_address); default: RAY_ADDRESS, else a local Ray")
+
+
+def cycle_overrides(args: argparse.Namespace) -> list[str]:
+    """Translate the shortcut flags into ``--set`` overrides; explicit ``--set`` wins."""
+    overrides = []
+    if args.run_dir is not None:
+        overrides.append(f"run_dir={json.dumps(args.run_dir)}")
+    if args.cycles is not None:
+        overrides.append(f"cycles={args.cycles}")
+    if args.oracle:
+        overrides.append("oracle=true")
+    if args.address is not None:
+        overrides.append(f"ray_address={json.dumps(args.address)}")
+    return overrides + list(args.overrides)
+
+
+def run_cycle_command(args: argparse.Namespace) -> int:
+    from distal import config as config_module
+    from distal.cycle import init_ray, run
+
+    try:
+        config = config_module.load(args.config, cycle_overrides(args))
+    except config_module.ConfigError as err:
+        print(f"distal: error: {err}", file=sys.stderr)
+        return 2
+    init_ray(config.ray_address)
+    run(config)
+    return 0
+
+
+def run_pool_import(args: argparse.Namespace) -> int:
+    from distal import pool_import
+
+    common = {
+        "eval_out": args.eval_out,
+        "eval_size": args.eval_size,
+        "seed": args.seed,
+        "rows_per_shard": args.rows_per_shard,
+        "overwrite": args.overwrite,
+    }
+    if args.source == "idx":
+        summary = pool_import.import_idx(args.images, args.labels, args.out, **common)
+    elif args.source == "folder":
+        summary = pool_import.import_folder(args.root, args.out, **common)
+    else:
+        summary = pool_import.import_torchvision(args.name, args.root, args.out, train=not args.test_split, download=args.download, **common)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distal", description="Distributed active learning with a loss prediction module.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cycle = commands.add_parser("cycle", help="run active-learning cycles: train, score, select")
+    add_cycle_arguments(cycle)
+    cycle.set_defaults(handler=run_cycle_command)
+
+    pool = commands.add_parser("pool", help="pool tools")
+    pool_commands = pool.add_subparsers(dest="pool_command", required=True)
+    importer = pool_commands.add_parser("import", help="import images into a sharded Parquet pool")
+    sources = importer.add_subparsers(dest="source", required=True)
+
+    idx = sources.add_parser("idx", help="MNIST-format IDX files (.gz or plain)")
+    idx.add_argument("--images", required=True, help="IDX image file, for example t10k-images-idx3-ubyte.gz")
+    idx.add_argument("--labels", required=True, help="IDX label file, for example t10k-labels-idx1-ubyte.gz")
+
+    folder = sources.add_parser("folder", help="an image folder laid out as CLASS_NAME/FILE.EXT")
+    folder.add_argument("root", help="folder whose subfolders are the classes")
+
+    tv = sources.add_parser("torchvision", help="a torchvision dataset by name (MNIST, FashionMNIST, CIFAR10)")
+    tv.add_argument("name", help="dataset name")
+    tv.add_argument("--root", required=True, help="torchvision dataset root folder")
+    tv.add_argument("--test-split", action="store_true", help="import the test split instead of the training split")
+    tv.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs internet)")
+
+    for sub in (idx, folder, tv):
+        sub.add_argument("--out", required=True, help="pool URI to write (local path or s3://...)")
+        sub.add_argument("--eval-out", help="URI of the held-out evaluation set split off the same images")
+        sub.add_argument("--eval-size", type=int, default=0, help="images put into --eval-out by a seeded random split")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the evaluation split")
+        sub.add_argument("--rows-per-shard", type=int, default=1000, help="rows per shard file")
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing complete pool")
+        sub.set_defaults(handler=run_pool_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    return _run_reporting_errors(args)
+
+
+def _run_reporting_errors(args: argparse.Namespace) -> int:
+    """Run the chosen command; known user errors print one clear line instead of a traceback."""
+    from distal.config import ConfigError
+    from distal.cycle import CycleError
+    from distal.images import ImageDecodeError
+    from distal.pool import PoolError
+    from distal.score import ScoringError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, CycleError, PoolError, ImageDecodeError, ScoringError) as err:
+        print(f"distal: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

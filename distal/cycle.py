@@ -1,0 +1,286 @@
+"""One active-learning cycle, end to end: train, score, select, write the manifest.
+
+A run directory holds cycles ``1..config.cycles``. Running the job again is
+safe: completed cycles (those with a completion marker) are left untouched
+and reported, and an incomplete cycle is deleted and redone from its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import distal
+from distal import config as config_module
+from distal.config import Config
+from distal.datasets import keep_ids
+from distal.pool import PoolInfo, validate_pool
+from distal.rundir import RunDirectory, open_fs, read_json, read_parquet, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from distal.score import choose_candidates, score_pool
+from distal.selection import select_from_score_files
+from distal.train import train
+
+log = logging.getLogger(__name__)
+
+LABELS_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("source", pa.string())])
+INITIAL_LABELS = "initial.parquet"
+
+
+class CycleError(RuntimeError):
+    """A cycle cannot run or produced an inconsistent result; the message says what to do."""
+
+
+def cycle_seed(seed: int, cycle: int) -> int:
+    """Derive a cycle's seed from the run seed and the cycle number."""
+    return int(np.random.SeedSequence([seed, cycle]).generate_state(1)[0])
+
+
+@dataclass(frozen=True)
+class CycleRecord:
+    """The summary of one completed cycle, as read back from its manifest."""
+
+    cycle: int
+    manifest: dict[str, Any]
+
+    @property
+    def eval_accuracy(self) -> float | None:
+        return self.manifest["metrics"].get("eval_accuracy")
+
+
+def run(config: Config) -> list[CycleRecord]:
+    """Run every cycle of the run directory that is not complete yet; return all cycles' records."""
+    pool = validate_pool(config.pool.path, require_label=config.oracle)
+    eval_pool = validate_pool(config.pool.eval_path, require_label=True) if config.pool.eval_path else None
+    run_dir = RunDirectory(config.run_dir)
+    write_bytes_atomic(run_dir.fs, run_dir.path("config.yaml"), config_module.dump_yaml(config).encode())
+    log.info("stage=start run_dir=%s pool=%s pool_rows=%d cycles=%d", config.run_dir, config.pool.path, pool.num_rows, config.cycles)
+    _ensure_initial_labels(config, pool, run_dir)
+    records = []
+    for cycle in range(1, config.cycles + 1):
+        if run_dir.is_complete(cycle):
+            manifest = read_json(run_dir.fs, run_dir.cycle_path(cycle, "manifest.json"))
+            log.info("stage=cycle cycle=%d state=complete action=skip", cycle)
+        else:
+            manifest = run_cycle(config, pool, eval_pool, run_dir, cycle)
+        records.append(CycleRecord(cycle, manifest))
+    print(format_summary(records), flush=True)
+    return records
+
+
+def labeled_set(run_dir: RunDirectory, cycle: int) -> pa.Table:
+    """Return the labels a cycle starts from: the initial labels plus every earlier cycle's oracle labels."""
+    files = [run_dir.path("labels", INITIAL_LABELS)]
+    files += [run_dir.path("labels", f"cycle-{earlier:04d}.parquet") for earlier in range(1, cycle)]
+    tables = []
+    for path in files:
+        if not run_dir.fs.exists(path):
+            raise CycleError(
+                f"Labels file {path} is missing, so cycle {cycle} cannot know its labeled set. "
+                "Rerun the earlier cycles (they are redone when incomplete) or restore the file."
+            )
+        tables.append(read_parquet(run_dir.fs, path).cast(LABELS_SCHEMA))
+    labels = pa.concat_tables(tables)
+    unique = pc.unique(labels.column("id"))
+    if len(unique) != labels.num_rows:
+        raise CycleError(f"The labeled set of cycle {cycle} in {run_dir.uri} lists an id twice; a label file was written twice.")
+    return labels
+
+
+def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_dir: RunDirectory, cycle: int) -> dict[str, Any]:
+    """Run one cycle from scratch and return its manifest."""
+    run_dir.reset_cycle(cycle)
+    seed = cycle_seed(config.seed, cycle)
+    started = time.time()
+    timings: dict[str, float] = {}
+    write_bytes_atomic(run_dir.fs, run_dir.cycle_path(cycle, "config.yaml"), config_module.dump_yaml(config).encode())
+    labels = labeled_set(run_dir, cycle)
+    labeled_ids = labels.column("id").combine_chunks()
+    log.info("stage=cycle cycle=%d state=start labeled=%d seed=%d", cycle, labels.num_rows, seed)
+
+    result = train(config, pool, labels, eval_pool, run_dir.uri_of("cycles", f"{cycle:04d}"), "train", seed)
+    timings["train_s"] = result.seconds
+    log.info("stage=train cycle=%d done seconds=%.1f %s", cycle, result.seconds, " ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+
+    step = time.monotonic()
+    candidates = choose_candidates(pool, labeled_ids, config.score.subset_size, seed)
+    timings["candidates_s"] = time.monotonic() - step
+    summary = score_pool(pool, candidates, labeled_ids, result.checkpoint_uri, run_dir, cycle, config.score)
+    timings["score_s"] = summary.seconds
+
+    step = time.monotonic()
+    selection = select_from_score_files(summary.files, config.select.k, filesystem=run_dir.fs)
+    selected = selection.table
+    _check_selection(selected, labeled_ids, cycle)
+    write_parquet_atomic(run_dir.fs, run_dir.cycle_path(cycle, "selected.parquet"), selected)
+    skipped_table = pa.table(
+        {
+            "id": pa.array([row[0] for row in summary.skipped], pa.string()),
+            "shard": pa.array([row[1] for row in summary.skipped], pa.string()),
+            "reason": pa.array([row[2] for row in summary.skipped], pa.string()),
+        }
+    )
+    write_parquet_atomic(run_dir.fs, run_dir.cycle_path(cycle, "skipped.parquet"), skipped_table)
+    timings["select_s"] = time.monotonic() - step
+
+    oracle_labels = 0
+    if config.oracle:
+        new_labels = oracle_lookup(pool, selected.column("id").combine_chunks(), source=f"oracle-cycle-{cycle:04d}")
+        write_parquet_atomic(run_dir.fs, run_dir.path("labels", f"cycle-{cycle:04d}.parquet"), new_labels)
+        oracle_labels = new_labels.num_rows
+
+    skip_reasons = dict(sorted(_count_values([row[2] for row in summary.skipped]).items()))
+    manifest = {
+        "cycle": cycle,
+        "run_dir": config.run_dir,
+        "seed": seed,
+        "run_seed": config.seed,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "config": config_module.to_dict(config),
+        "pool": {"path": config.pool.path, "shards": len(pool.shards), "image_size": list(pool.image_size), "channels": pool.channels},
+        "counts": {
+            "pool_rows": candidates.pool_rows,
+            "labeled": labels.num_rows,
+            "labeled_in_pool": candidates.labeled_in_pool,
+            "labeled_trained": result.labeled_used,
+            "labeled_skipped": len(result.skipped),
+            "unlabeled": candidates.unlabeled,
+            "candidates": candidates.count,
+            "scored": summary.scored,
+            "skipped": len(summary.skipped),
+            "skip_reasons": skip_reasons,
+            "converted": summary.conversions,
+            "selected": selected.num_rows,
+            "oracle_labels": oracle_labels,
+        },
+        "metrics": result.metrics,
+        "score_stats": summary.score_stats,
+        "timings": {key: round(value, 3) for key, value in timings.items()},
+        "files": {
+            "checkpoint": result.checkpoint_uri,
+            "scores": [path.rsplit("/", 1)[-1] for path in summary.files],
+            "selected": "selected.parquet",
+            "skipped": "skipped.parquet",
+        },
+        "selected": selected.column("id").to_pylist(),
+    }
+    write_json_atomic(run_dir.fs, run_dir.cycle_path(cycle, "manifest.json"), manifest)
+    run_dir.mark_complete(cycle, {"cycle": cycle, "selected": selected.num_rows, "finished_at": manifest["finished_at"]})
+    log.info(
+        "stage=cycle cycle=%d state=complete labeled=%d scored=%d skipped=%d selected=%d eval_accuracy=%s",
+        cycle, labels.num_rows, summary.scored, len(summary.skipped), selected.num_rows,
+        _format_optional(result.metrics.get("eval_accuracy")),
+    )
+    return manifest
+
+
+def _check_selection(selected: pa.Table, labeled_ids: pa.Array, cycle: int) -> None:
+    ids = selected.column("id")
+    if len(pc.unique(ids)) != len(ids):
+        raise CycleError(f"Cycle {cycle} selected an id twice; the score files hold duplicate ids.")
+    overlap = pc.sum(pc.is_in(ids, value_set=labeled_ids)).as_py() or 0
+    if overlap:
+        raise CycleError(f"Cycle {cycle} selected {overlap} already labeled ids; the score files are stale. Rerun the cycle.")
+    scores = selected.column("predicted_loss").to_numpy()
+    if np.any(np.diff(scores) > 0):
+        raise CycleError(f"Cycle {cycle}'s selection is not ordered by predicted loss descending.")
+
+
+def _ensure_initial_labels(config: Config, pool: PoolInfo, run_dir: RunDirectory) -> None:
+    path = run_dir.path("labels", INITIAL_LABELS)
+    if run_dir.fs.exists(path):
+        return
+    if not config.oracle:
+        raise CycleError(
+            f"The run directory {config.run_dir} has no labels ({path} is missing). "
+            "Run with oracle=true to draw a seeded initial labeled set from the pool's label column."
+        )
+    if config.initial_labels < 2:
+        raise CycleError(f"initial_labels={config.initial_labels}: training needs at least 2 labeled images.")
+    chosen = choose_candidates(pool, pa.array([], pa.string()), config.initial_labels, cycle_seed(config.seed, 0))
+    labels = oracle_lookup(pool, chosen.ids, source="oracle-initial")
+    write_parquet_atomic(run_dir.fs, path, labels)
+    log.info("stage=labels initial=%d seed=%d path=%s", labels.num_rows, config.seed, path)
+
+
+def oracle_lookup(pool: PoolInfo, ids: pa.Array, source: str) -> pa.Table:
+    """Read the labels of ``ids`` from the pool's ``label`` column (simulation only), shard by shard."""
+    found = []
+    for shard in pool.shards:
+        fs, path = open_fs(shard)
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=["id", "label"])
+        found.append(keep_ids(table, ids))
+    labels = pa.concat_tables(found).select(["id", "label"]).cast(pa.schema([("id", pa.string()), ("label", pa.int64())]))
+    if labels.num_rows != len(ids):
+        missing = set(ids.to_pylist()) - set(labels.column("id").to_pylist())
+        raise CycleError(f"The pool {pool.path} has no label for {len(missing)} selected ids (first: {sorted(missing)[0]}).")
+    return labels.append_column("source", pa.array([source] * labels.num_rows, pa.string())).cast(LABELS_SCHEMA)
+
+
+def versions() -> dict[str, str]:
+    import pyarrow
+    import ray
+    import torch
+    import torchvision
+
+    return {
+        "distal": distal.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "ray": ray.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+
+
+def _count_values(values: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def _format_optional(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def format_summary(records: list[CycleRecord]) -> str:
+    """Return a plain-text table with one row per cycle."""
+    header = f"{'cycle':>5} {'labeled':>8} {'scored':>8} {'skipped':>7} {'selected':>8} {'target_loss':>11} {'rank_loss':>9} {'eval_acc':>8} {'train_s':>8} {'score_s':>8}"
+    lines = [header, "-" * len(header)]
+    for record in records:
+        m = record.manifest
+        counts, metrics, timings = m["counts"], m["metrics"], m["timings"]
+        lines.append(
+            f"{record.cycle:>5} {counts['labeled']:>8} {counts['scored']:>8} {counts['skipped']:>7} {counts['selected']:>8} "
+            f"{metrics.get('target_loss', float('nan')):>11.4f} {metrics.get('ranking_loss', float('nan')):>9.4f} "
+            f"{_format_optional(metrics.get('eval_accuracy')):>8} {timings.get('train_s', 0):>8.1f} {timings.get('score_s', 0):>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), or start a local Ray when neither is set."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            log.info("stage=start ray=local")
+            ray.init(include_dashboard=False)
+        else:
+            ray.init(address=address)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()

@@ -1,0 +1,78 @@
+"""Ray Data pipelines over a pool: read shards, keep the wanted ids, decode images.
+
+Decoding runs in CPU tasks apart from the model, so scoring actors only run
+the model. A row whose image cannot be decoded is kept with zero pixels and a
+``skip_reason``, so its id is recorded instead of vanishing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from distal.images import decode_batch
+from distal.pool import PoolInfo
+
+SHARD_COLUMN = "path"
+
+
+def read_pool(info: PoolInfo, columns: list[str]) -> Any:
+    """Return a Ray Dataset over the pool's shards with the given columns and the shard path."""
+    import ray.data
+
+    return ray.data.read_parquet(list(info.shards), columns=columns, include_paths=True)
+
+
+def keep_ids(batch: pa.Table, ids: pa.Array, labels: pa.Array | None = None) -> pa.Table:
+    """Keep rows whose id is in ``ids``; with ``labels`` (aligned with ids) add a ``label`` column."""
+    position = pc.index_in(batch.column("id"), value_set=ids)
+    mask = pc.is_valid(position)
+    kept = batch.filter(mask)
+    if labels is not None:
+        kept_position = position.filter(mask)
+        kept = kept.drop_columns([name for name in ("label",) if name in kept.column_names])
+        kept = kept.append_column("label", labels.take(kept_position))
+    return kept
+
+
+def drop_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
+    """Drop rows whose id is in ``ids``."""
+    return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=ids)))
+
+
+def decode_rows(batch: pa.Table, channels: int, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Decode a batch of encoded images into a fixed-shape uint8 tensor column.
+
+    Returns columns: id, image [n, C, H, W] uint8 (zeros where skipped),
+    skip_reason ("" when decoded), conversion ("" when the image already
+    had the pool's mode and size), shard, and label when present.
+    """
+    ids = batch.column("id").to_pylist()
+    images = batch.column("image").to_pylist()
+    decoded = decode_batch(ids, images, channels, image_size)
+    height, width = image_size
+    pixels = np.zeros((len(ids), channels, height, width), dtype=np.uint8)  # [n, C, H, W]
+    position = {sample_id: row for row, sample_id in enumerate(ids)}
+    for row_ok, sample_id in enumerate(decoded.ok_ids):
+        pixels[position[sample_id]] = decoded.pixels[row_ok]
+    skip_reason = np.full(len(ids), "", dtype=object)
+    for sample_id, reason in decoded.skipped:
+        skip_reason[position[sample_id]] = reason
+    conversion = np.full(len(ids), "", dtype=object)
+    for note, note_ids in decoded.conversions.items():
+        for sample_id in note_ids:
+            conversion[position[sample_id]] = note
+    shards = batch.column(SHARD_COLUMN).to_pylist() if SHARD_COLUMN in batch.column_names else [""] * len(ids)
+    out = {
+        "id": np.asarray(ids, dtype=object),
+        "image": pixels,
+        "skip_reason": skip_reason.astype(str),
+        "conversion": conversion.astype(str),
+        "shard": np.asarray([shard.rsplit("/", 1)[-1] for shard in shards], dtype=str),
+    }
+    if "label" in batch.column_names:
+        out["label"] = batch.column("label").to_numpy(zero_copy_only=False).astype(np.int64)
+    return out

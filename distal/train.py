@@ -1,0 +1,321 @@
+"""Training: DDP training of the target model and its loss prediction module on Ray Train.
+
+The labeled set is read through Ray Data (pool joined with the label table),
+decoded once and materialized in the object store; each epoch every worker
+streams its equal share of it. The ranking loss pairs samples inside each
+worker's local batch, which is always even (the last batch of an epoch loses
+one sample when it is odd). Held-out accuracy is measured at the final epoch,
+never at the best one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from distal import config as config_module
+from distal.config import Config, ModelConfig, TrainConfig
+from distal.datasets import decode_rows, keep_ids, read_pool
+from distal.pool import PoolInfo
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "model.pt"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What is needed to rebuild the learner from a checkpoint."""
+
+    num_classes: int
+    in_channels: int
+    image_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Outcome of one training run.
+
+    Attributes:
+        checkpoint_uri: directory holding ``model.pt`` (both modules).
+        metrics: final-epoch metrics (target_loss, ranking_loss, eval_accuracy, ...).
+        labeled_used: labeled images trained on.
+        skipped: (id, reason) of labeled images that could not be decoded.
+        seconds: wall time of the training run.
+    """
+
+    checkpoint_uri: str
+    metrics: dict[str, float]
+    labeled_used: int
+    skipped: list[tuple[str, str]]
+    seconds: float
+
+
+def resolve_use_gpu(requested: bool | None) -> bool:
+    """Use GPUs when asked, or when None and the Ray cluster has any."""
+    if requested is not None:
+        return requested
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def build_learner(model_config: ModelConfig, spec: TaskSpec):
+    from distal.model import build_learner as attach_loss_module
+    from distal.model import build_task
+
+    task = build_task(model_config, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    return task, attach_loss_module(task, model_config)
+
+
+def save_checkpoint(directory: str, learner: torch.nn.Module, model_config: ModelConfig, spec: TaskSpec, epoch: int) -> None:
+    state = {
+        "state_dict": learner.state_dict(),
+        "model_config": dataclasses.asdict(model_config),
+        "task_spec": dataclasses.asdict(spec),
+        "epoch": epoch,
+    }
+    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+
+
+def load_checkpoint(checkpoint_uri: str, device: torch.device | str = "cpu"):
+    """Load a learner saved by training; return (task, learner in eval mode, spec)."""
+    import fsspec
+
+    with fsspec.open(f"{checkpoint_uri.rstrip('/')}/{CHECKPOINT_FILE}", "rb") as handle:
+        state = torch.load(handle, map_location=device, weights_only=True)
+    model_config = ModelConfig(**state["model_config"])
+    spec_data = state["task_spec"]
+    spec = TaskSpec(spec_data["num_classes"], spec_data["in_channels"], tuple(spec_data["image_size"]))
+    task, learner = build_learner(model_config, spec)
+    learner.load_state_dict(state["state_dict"])
+    learner.to(device).eval()
+    return task, learner, spec
+
+
+def labeled_dataset(info: PoolInfo, labels: pa.Table):
+    """Return the decoded labeled set as a materialized Ray Dataset and the skipped (id, reason) pairs."""
+    size = tuple(info.image_size)
+    dataset = read_pool(info, ["id", "image"]).map_batches(
+        keep_ids,
+        batch_format="pyarrow",
+        fn_kwargs={"ids": labels.column("id").combine_chunks(), "labels": labels.column("label").combine_chunks()},
+    )
+    return _decode_and_split(dataset, info.channels, size)
+
+
+def eval_dataset(info: PoolInfo):
+    """Return the decoded held-out set (needs a label column) and its skipped (id, reason) pairs."""
+    dataset = read_pool(info, ["id", "image", "label"])
+    return _decode_and_split(dataset, info.channels, tuple(info.image_size))
+
+
+def _decode_and_split(dataset, channels: int, size: tuple[int, int]):
+    decoded = dataset.map_batches(
+        decode_rows, batch_format="pyarrow", fn_kwargs={"channels": channels, "image_size": size}
+    ).materialize()
+    skipped_rows = decoded.filter(lambda row: row["skip_reason"] != "").select_columns(["id", "skip_reason"]).take_all()
+    skipped = [(row["id"], row["skip_reason"]) for row in skipped_rows]
+    good = decoded.filter(lambda row: row["skip_reason"] == "").select_columns(["image", "label"]).materialize()
+    return good, skipped
+
+
+def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo | None, storage_uri: str, name: str, seed: int) -> TrainResult:
+    """Train both modules on the labeled set with Ray Train and return the checkpoint and metrics.
+
+    Args:
+        config: resolved run configuration.
+        info: the pool.
+        labels: table with ``id`` and ``label`` of the labeled set.
+        eval_info: the held-out set, or None to skip evaluation.
+        storage_uri: Ray Train storage path (local directory or ``s3://...``).
+        name: Ray Train run name inside storage_uri.
+        seed: seed of this cycle's training.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    start = time.monotonic()
+    train_ds, skipped = labeled_dataset(info, labels)
+    labeled_used = train_ds.count()
+    if skipped:
+        log.warning("stage=train skipped_labeled=%d first_id=%s reason=%s", len(skipped), skipped[0][0], skipped[0][1])
+    train_cfg = config.train
+    if labeled_used < train_cfg.num_workers * 2:
+        raise ValueError(
+            f"The labeled set has {labeled_used} decodable images; training needs at least "
+            f"{train_cfg.num_workers * 2} (two per worker). Add labels or lower train.num_workers."
+        )
+    datasets = {"train": train_ds}
+    if eval_info is not None:
+        datasets["eval"], eval_skipped = eval_dataset(eval_info)
+        if eval_skipped:
+            log.warning("stage=train eval_skipped=%d first_id=%s", len(eval_skipped), eval_skipped[0][0])
+    num_classes = len(info.classes) if info.classes else int(pa.compute.max(labels.column("label")).as_py()) + 1
+    spec = TaskSpec(num_classes=num_classes, in_channels=info.channels, image_size=tuple(info.image_size))
+    use_gpu = resolve_use_gpu(train_cfg.use_gpu)
+    storage_fs, storage_path = _storage(storage_uri)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "train": dataclasses.asdict(train_cfg),
+            "model": dataclasses.asdict(config.model),
+            "spec": dataclasses.asdict(spec),
+            "seed": seed,
+            "labeled": labeled_used,
+            "has_eval": "eval" in datasets,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train_cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Training run {name} in {storage_uri} ended without a checkpoint; see the worker logs above.")
+    checkpoint_uri = _checkpoint_uri(result.checkpoint, storage_uri, storage_path)
+    metrics = {key: float(value) for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    return TrainResult(checkpoint_uri, metrics, labeled_used, skipped, time.monotonic() - start)
+
+
+def _storage(storage_uri: str):
+    """Return (pyarrow filesystem or None, path) for Ray Train's storage; fsspec remote stores are wrapped."""
+    import fsspec
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(storage_uri)
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    if "file" in protocols or "local" in protocols:
+        return None, os.path.abspath(path)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+
+
+def _checkpoint_uri(checkpoint, storage_uri: str, storage_path: str) -> str:
+    path = checkpoint.path
+    if "://" in storage_uri:
+        scheme = storage_uri.split("://", 1)[0]
+        return f"{scheme}://{path.lstrip('/')}"
+    return path
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """Per-worker training loop run by Ray Train (one DDP process per worker)."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from distal.train_step import augment_batch, build_optimizer, compute_losses, normalize
+
+    train_cfg = config_module._build(TrainConfig, loop_config["train"], prefix="train.", source="train loop")
+    model_config = ModelConfig(**loop_config["model"])
+    spec_data = loop_config["spec"]
+    spec = TaskSpec(spec_data["num_classes"], spec_data["in_channels"], tuple(spec_data["image_size"]))
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    world = context.get_world_size()
+    seed = loop_config["seed"]
+    torch.manual_seed(seed * 1000 + rank)
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    task, learner = build_learner(model_config, spec)
+    device = ray.train.torch.get_device()
+    learner = ray.train.torch.prepare_model(learner)
+    optimizer, scheduler = build_optimizer(learner, train_cfg)
+    local_batch = train_cfg.batch_size // world
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
+    epoch_start = time.monotonic()
+
+    for epoch in range(train_cfg.epochs):
+        learner.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # target loss sum, ranking loss sum, samples
+        for batch in train_shard.iter_torch_batches(
+            batch_size=local_batch,
+            local_shuffle_buffer_size=max(4 * local_batch, 256),
+            local_shuffle_seed=seed * 100_003 + epoch * 101 + rank,
+            dtypes={"image": torch.uint8, "label": torch.int64},
+            device=device,
+        ):
+            images, targets = batch["image"], batch["label"]
+            usable = images.shape[0] - images.shape[0] % 2
+            if usable == 0:
+                continue
+            images, targets = images[:usable], targets[:usable]
+            if train_cfg.augment:
+                images = augment_batch(images, generator)
+            losses = compute_losses(learner, normalize(images), targets, task, epoch=epoch, config=train_cfg)
+            optimizer.zero_grad(set_to_none=True)
+            losses.total.backward()
+            optimizer.step()
+            sums += torch.tensor(
+                [losses.target_loss.item() * usable, losses.ranking_loss.item() * usable, usable],
+                dtype=torch.float64,
+                device=device,
+            )
+        scheduler.step()
+        if world > 1:
+            dist.all_reduce(sums)
+        samples = max(sums[2].item(), 1.0)
+        metrics = {
+            "epoch": epoch + 1,
+            "target_loss": sums[0].item() / samples,
+            "ranking_loss": sums[1].item() / samples,
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        final = epoch == train_cfg.epochs - 1
+        if final and eval_shard is not None:
+            metrics.update(_evaluate(learner, task, eval_shard, device, world))
+        if rank == 0:
+            _log_epoch(metrics, train_cfg.epochs, epoch_start)
+        if final:
+            with tempfile.TemporaryDirectory() as directory:
+                checkpoint = None
+                if rank == 0:
+                    model = learner.module if hasattr(learner, "module") else learner
+                    save_checkpoint(directory, model, model_config, spec, epoch + 1)
+                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+                ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics)
+
+
+def _log_epoch(metrics: dict[str, float], epochs: int, start: float) -> None:
+    epoch = int(metrics["epoch"])
+    elapsed = time.monotonic() - start
+    if epoch == 1 or epoch == epochs or epoch % max(1, epochs // 10) == 0:
+        eta = elapsed / epoch * (epochs - epoch)
+        fields = " ".join(f"{key}={value:.4g}" for key, value in metrics.items() if key != "epoch")
+        print(f"distal.train: stage=train epoch={epoch}/{epochs} {fields} elapsed={elapsed:.0f}s eta={eta:.0f}s", flush=True)
+
+
+@torch.no_grad()
+def _evaluate(learner, task, eval_shard, device, world: int) -> dict[str, float]:
+    import torch.distributed as dist
+
+    from distal.train_step import normalize
+
+    # Evaluate the unwrapped module: DDP would sync buffers on every forward,
+    # and the workers' eval shards may need different numbers of batches.
+    model = learner.module if hasattr(learner, "module") else learner
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # correct, samples
+    for batch in eval_shard.iter_torch_batches(batch_size=512, dtypes={"image": torch.uint8, "label": torch.int64}, device=device):
+        outputs, _ = model(normalize(batch["image"]), detach_features=True)
+        correct, count = task.metric(outputs, batch["label"])
+        totals += torch.tensor([correct, count], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(totals)
+    return {"eval_accuracy": totals[0].item() / max(totals[1].item(), 1.0), "eval_samples": totals[1].item()}

@@ -1,0 +1,36 @@
+"""Run distal active-learning cycles: train, score, select, write the manifest.
+
+Local (starts an in-process Ray, local files):
+
+    python jobs/cycle.py --config configs/mnist-demo.yaml
+
+On a Ray cluster (options of ray job submit go before the --):
+
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/cycle.py --config configs/mnist-demo.yaml --run-dir s3://bucket/runs/demo
+
+The run directory holds cycles 1..cycles; rerunning the same command skips
+completed cycles and redoes an incomplete one. The exit status is 0 on
+success and non-zero on any failure.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from distal.cli import _run_reporting_errors, add_cycle_arguments, run_cycle_command  # noqa: E402
+from distal.progress import configure_logging  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_cycle_arguments(parser)
+    parser.set_defaults(handler=run_cycle_command)
+    configure_logging()
+    return _run_reporting_errors(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
