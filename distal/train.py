@@ -120,12 +120,14 @@ def eval_dataset(info: PoolInfo):
 
 
 def _decode_and_split(dataset, channels: int, size: tuple[int, int]):
+    from ray.data.expressions import col
+
     decoded = dataset.map_batches(
         decode_rows, batch_format="pyarrow", fn_kwargs={"channels": channels, "image_size": size}
     ).materialize()
-    skipped_rows = decoded.filter(lambda row: row["skip_reason"] != "").select_columns(["id", "skip_reason"]).take_all()
+    skipped_rows = decoded.filter(expr=col("skip_reason") != "").select_columns(["id", "skip_reason"]).take_all()
     skipped = [(row["id"], row["skip_reason"]) for row in skipped_rows]
-    good = decoded.filter(lambda row: row["skip_reason"] == "").select_columns(["image", "label"]).materialize()
+    good = decoded.filter(expr=col("skip_reason") == "").select_columns(["image", "label"]).materialize()
     return good, skipped
 
 
@@ -298,7 +300,7 @@ def _log_epoch(metrics: dict[str, float], epochs: int, start: float) -> None:
     if epoch == 1 or epoch == epochs or epoch % max(1, epochs // 10) == 0:
         eta = elapsed / epoch * (epochs - epoch)
         fields = " ".join(f"{key}={value:.4g}" for key, value in metrics.items() if key != "epoch")
-        print(f"distal.train: stage=train epoch={epoch}/{epochs} {fields} elapsed={elapsed:.0f}s eta={eta:.0f}s", flush=True)
+        log.info("stage=train epoch=%d/%d %s elapsed=%.0fs eta=%.0fs", epoch, epochs, fields, elapsed, eta)
 
 
 @torch.no_grad()
