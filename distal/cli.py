@@ -59,6 +59,17 @@ def run_cycle_command(args: argparse.Namespace) -> int:
 
 def run_pool_import(args: argparse.Namespace) -> int:
     from distal import pool_import
+    from distal.pool import POOL_METADATA, open_fs
+
+    if args.if_missing:
+        targets = [args.out] + ([args.eval_out] if args.eval_out else [])
+        complete = []
+        for target in targets:
+            fs, path = open_fs(target)
+            complete.append(fs.exists(f"{path}/{POOL_METADATA}"))
+        if all(complete):
+            log.info("stage=import action=skip reason=pools_exist out=%s eval_out=%s", args.out, args.eval_out)
+            return 0
 
     common = {
         "eval_out": args.eval_out,
@@ -110,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--seed", type=int, default=0, help="seed of the evaluation split")
         sub.add_argument("--rows-per-shard", type=int, default=1000, help="rows per shard file")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing complete pool")
+        sub.add_argument(
+            "--if-missing",
+            action="store_true",
+            help="do nothing when complete pools already exist at --out (and --eval-out), so the command can be rerun",
+        )
         sub.set_defaults(handler=run_pool_import)
     return parser
 

@@ -284,3 +284,6 @@ def init_ray(address: str | None) -> None:
             ray.init(address=address)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
+    # distal logs each stage's progress itself; Ray Data's per-dataset INFO
+    # lines would bury it.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)

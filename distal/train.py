@@ -181,7 +181,12 @@ def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo 
             use_gpu=use_gpu,
             resources_per_worker={"CPU": train_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
-        run_config=ray.train.RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
     )
