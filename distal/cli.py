@@ -52,9 +52,25 @@ def run_cycle_command(args: argparse.Namespace) -> int:
     except config_module.ConfigError as err:
         print(f"distal: error: {err}", file=sys.stderr)
         return 2
+    _warn_relative_paths(config)
     init_ray(config.ray_address)
     run(config)
     return 0
+
+
+def _warn_relative_paths(config) -> None:
+    """Warn when a job on a Ray cluster names local paths relative to its working directory."""
+    import os
+
+    if not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+        return
+    for key, value in (("run_dir", config.run_dir), ("pool.path", config.pool.path), ("pool.eval_path", config.pool.eval_path)):
+        if value and "://" not in value and not os.path.isabs(value):
+            log.warning(
+                "%s=%s is a relative path; under ray job submit it resolves inside the job's unpacked "
+                "working directory (%s). Use an absolute path or an s3:// URI.",
+                key, value, os.getcwd(),
+            )
 
 
 def run_pool_import(args: argparse.Namespace) -> int:

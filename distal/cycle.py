@@ -24,8 +24,8 @@ import distal
 from distal import config as config_module
 from distal.config import Config
 from distal.datasets import keep_ids
-from distal.pool import PoolInfo, validate_pool
-from distal.rundir import RunDirectory, open_fs, read_json, read_parquet, write_bytes_atomic, write_json_atomic, write_parquet_atomic
+from distal.pool import PoolInfo, open_fs, validate_pool
+from distal.rundir import RunDirectory, read_json, read_parquet, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from distal.score import choose_candidates, score_pool
 from distal.selection import select_from_score_files
 from distal.train import train
@@ -279,7 +279,10 @@ def init_ray(address: str | None) -> None:
     if not ray.is_initialized():
         if address is None and not os.environ.get("RAY_ADDRESS"):
             log.info("stage=start ray=local")
-            ray.init(include_dashboard=False)
+            # The dashboard (on 127.0.0.1) also serves the state API that Ray
+            # Train's placement-group cleaner polls; without it that actor logs
+            # a warning every few seconds.
+            ray.init()
         else:
             ray.init(address=address)
     context = ray.data.DataContext.get_current()

@@ -94,18 +94,18 @@ def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     (``s3://bucket/pool`` -> ``bucket/pool``). Trailing slashes are removed.
     """
     fs, path = fsspec.core.url_to_fs(str(uri))
-    if _is_local(fs):
+    if is_local(fs):
         path = os.path.abspath(path)
     return fs, path.rstrip("/") or "/"
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
     return "file" in protocols
 
 
-def _full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    return path if _is_local(fs) else fs.unstrip_protocol(path)
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[bytes]], None]) -> None:
@@ -115,7 +115,7 @@ def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, write: Callable[[IO[
     try:
         with fs.open(temp_path, "wb") as file:
             write(file)
-        if _is_local(fs):
+        if is_local(fs):
             os.replace(temp_path, path)
         else:
             fs.mv(temp_path, path)
@@ -175,7 +175,7 @@ def read_pool_info(uri: str) -> PoolInfo:
             metadata file is invalid.
     """
     fs, root = open_fs(uri)
-    pool = _full_uri(fs, root)
+    pool = full_uri(fs, root)
     if not fs.isdir(root):
         raise PoolError(f"Pool {pool} not found: no directory at that path. Check the URI or import the pool first.")
 
@@ -226,7 +226,7 @@ def _info_from_metadata(fs: fsspec.AbstractFileSystem, root: str, pool: str, met
         image_size=(height, width),
         channels=channels,
         classes=None if classes is None else tuple(str(name) for name in classes),
-        shards=tuple(_full_uri(fs, path) for path in shard_paths),
+        shards=tuple(full_uri(fs, path) for path in shard_paths),
         has_label="label" in schema.names,
     )
 
@@ -258,7 +258,7 @@ def _info_from_shards(fs: fsspec.AbstractFileSystem, root: str, pool: str) -> Po
         image_size=(height, width),
         channels=channels,
         classes=None,
-        shards=tuple(_full_uri(fs, path) for path in shard_paths),
+        shards=tuple(full_uri(fs, path) for path in shard_paths),
         has_label="label" in first.schema_arrow.names,
     )
 
@@ -531,7 +531,7 @@ def check_pool_destination(uri: str, overwrite: bool = False) -> None:
             complete pool and ``overwrite`` is False.
     """
     fs, root = open_fs(uri)
-    pool = _full_uri(fs, root)
+    pool = full_uri(fs, root)
     if fs.isfile(root):
         raise PoolError(f"Cannot write pool {pool}: the path is a file. Choose a directory path.")
 
@@ -591,7 +591,7 @@ class PoolWriter:
 
         check_pool_destination(uri, overwrite)
         self._fs, self._root = open_fs(uri)
-        self.path = _full_uri(self._fs, self._root)
+        self.path = full_uri(self._fs, self._root)
         self._clear_destination()
 
         self._pending: list[pa.Table] = []
@@ -664,7 +664,7 @@ class PoolWriter:
             image_size=self._image_size,
             channels=self._channels,
             classes=self._classes,
-            shards=tuple(_full_uri(self._fs, path) for path in shard_paths),
+            shards=tuple(full_uri(self._fs, path) for path in shard_paths),
             has_label=bool(self._has_label),
         )
         logger.info(

@@ -30,28 +30,17 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distal.pool import full_uri, is_local, open_fs
+
 COMPLETE_MARKER = "_COMPLETE"
 SCORES_MARKER = "_SUCCESS"
-
-
-def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Return the fsspec filesystem for a URI and the path within it (absolute when local)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if _is_local(fs):
-        path = os.path.abspath(path)
-    return fs, path
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write a whole file so that readers see either nothing or all of it."""
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
-    if _is_local(fs):
+    if is_local(fs):
         temporary = f"{path}.tmp-{uuid.uuid4().hex}"
         with open(temporary, "wb") as handle:
             handle.write(data)
@@ -99,8 +88,7 @@ class RunDirectory:
 
     def uri_of(self, *parts: str) -> str:
         """Return a URI (with scheme for remote storage) for a path inside the run directory."""
-        path = self.path(*parts)
-        return path if _is_local(self.fs) else self.fs.unstrip_protocol(path)
+        return full_uri(self.fs, self.path(*parts))
 
     def cycle_path(self, cycle: int, *parts: str) -> str:
         return self.path("cycles", f"{cycle:04d}", *parts)

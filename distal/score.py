@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from distal.config import ScoreConfig
 from distal.datasets import decode_rows, drop_ids, keep_ids, read_pool
-from distal.pool import PoolInfo
+from distal.pool import PoolInfo, open_fs
 from distal.progress import Progress
 from distal.rundir import RunDirectory, SCORES_MARKER, write_bytes_atomic, write_json_atomic
 from distal.selection import StreamingTopK
@@ -90,8 +90,6 @@ def choose_candidates(info: PoolInfo, labeled_ids: pa.Array, subset_size: int | 
     seeded hash: exact in size, reproducible for a seed, and independent of
     shard order, with memory bounded by the subset size.
     """
-    from distal.rundir import open_fs
-
     pool_rows = 0
     unlabeled = 0
     sampler = StreamingTopK(subset_size) if subset_size is not None else None

@@ -4,10 +4,13 @@ Local (starts an in-process Ray, local files):
 
     python jobs/cycle.py --config configs/mnist-demo.yaml
 
-On a Ray cluster (options of ray job submit go before the --):
+On a Ray cluster (options of ray job submit go before the --; pools and the
+run directory as absolute paths or s3:// URIs, because the job runs in an
+unpacked copy of the working directory):
 
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/cycle.py --config configs/mnist-demo.yaml --run-dir s3://bucket/runs/demo
+        python jobs/cycle.py --config configs/mnist-demo.yaml --run-dir s3://bucket/runs/demo \
+        --set pool.path=s3://bucket/pools/mnist/pool --set pool.eval_path=s3://bucket/pools/mnist/eval
 
 The run directory holds cycles 1..cycles; rerunning the same command skips
 completed cycles and redoes an incomplete one. The exit status is 0 on

@@ -71,7 +71,7 @@ def ray_cluster():
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+        ray.init(num_cpus=2, log_to_driver=True, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

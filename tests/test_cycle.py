@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -15,12 +16,12 @@ import torch
 from conftest import mnist_arrays
 from distal import config as config_module
 from distal import cycle as cycle_module
-from distal.cycle import labeled_set
+from distal.cycle import labeled_set, oracle_lookup
 from distal.images import encode_png
 from distal.pool import write_pool
 from distal.rundir import RunDirectory
 from distal.score import ScoringError, choose_candidates, score_pool
-from distal.train import load_checkpoint
+from distal.train import load_checkpoint, train
 from distal.train_step import normalize
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -215,3 +216,56 @@ def test_too_many_undecodable_images_fail_scoring(finished_run, ray_cluster, tmp
         score_pool(pool, candidates, empty, checkpoint, scratch, 1, config_module.ScoreConfig(subset_size=None, max_skip_fraction=0.01))
     assert "max_skip_fraction" in str(error.value)
     assert not os.path.exists(scratch.cycle_path(1, "scores", "_SUCCESS"))
+
+
+def encode_mode(gray: np.ndarray, mode: str) -> bytes:
+    """Encode a real grayscale digit as a PNG of another mode."""
+    from PIL import Image
+
+    image = Image.fromarray(gray, mode="L")
+    if mode == "I;16":
+        image = Image.fromarray(gray.astype(np.uint16) * 257)
+    elif mode == "P":
+        image = image.convert("RGB").convert("P")
+    elif mode != "L":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_mixed_modes_are_converted_and_counted(finished_run, ray_cluster, tmp_path):
+    _, _, run_dir = finished_run
+    checkpoint = json.loads(Path(run_dir.cycle_path(1, "manifest.json")).read_text())["files"]["checkpoint"]
+    images, _ = mnist_arrays(40)
+    modes = ["L", "RGB", "RGBA", "P", "I;16"] * 8
+    table = pa.table(
+        {
+            "id": [f"mode-{i:02d}" for i in range(40)],
+            "image": pa.array([encode_mode(image, mode) for image, mode in zip(images, modes)], pa.binary()),
+        }
+    )
+    pool = write_pool(str(tmp_path / "pool"), [table], image_size=(28, 28), channels=1, classes=None, source="test", rows_per_shard=20)
+    empty = pa.array([], pa.string())
+    candidates = choose_candidates(pool, empty, None, seed=0)
+    summary = score_pool(pool, candidates, empty, checkpoint, RunDirectory(str(tmp_path / "scratch")), 1, config_module.ScoreConfig(subset_size=None))
+    assert summary.scored == 40
+    assert summary.skipped == []
+    assert sum(summary.conversions.values()) == 32
+    for mode in ("RGB", "RGBA", "P", "I;16"):
+        assert summary.conversions[f"{mode}->L"] == 8
+
+
+def test_two_ddp_workers_train_and_evaluate(ray_cluster, mnist_pools, tmp_path):
+    pool, eval_pool = mnist_pools
+    config = tiny_config(tmp_path / "run", pool, eval_pool, **{"train.num_workers": "2", "train.cpus_per_worker": "0.5"})
+    # 65 labels: the equal split gives each worker 32, and every local batch stays even.
+    labels = oracle_lookup(pool, pa.array([f"mnist-{i:05d}" for i in range(65)], pa.string()), source="test")
+    result = train(config, pool, labels, eval_pool, str(tmp_path / "storage"), "train", seed=1)
+    assert result.labeled_used == 65
+    assert result.metrics["eval_samples"] == 200
+    assert 0.0 <= result.metrics["eval_accuracy"] <= 1.0
+    assert np.isfinite(result.metrics["ranking_loss"])
+    _, learner, spec = load_checkpoint(result.checkpoint_uri)
+    assert spec.in_channels == 1
+    assert not learner.training
