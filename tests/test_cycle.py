@@ -269,3 +269,30 @@ def test_two_ddp_workers_train_and_evaluate(ray_cluster, mnist_pools, tmp_path):
     _, learner, spec = load_checkpoint(result.checkpoint_uri)
     assert spec.in_channels == 1
     assert not learner.training
+
+
+def test_scorer_output_follows_ids_not_positions(finished_run):
+    """A batch and its permutation give every id the same score."""
+    from distal.datasets import decode_rows
+    from distal.score import LossScorer
+
+    _, _, run_dir = finished_run
+    checkpoint = json.loads(Path(run_dir.cycle_path(1, "manifest.json")).read_text())["files"]["checkpoint"]
+    images, _ = mnist_arrays(16)
+    table = pa.table(
+        {
+            "id": [f"img-{i:02d}" for i in range(16)],
+            "image": pa.array([encode_png(image) for image in images][:15] + [b""], pa.binary()),
+            "path": ["part-00000.parquet"] * 16,
+        }
+    )
+    scorer = LossScorer(checkpoint, use_gpu=False)
+    forward = scorer(decode_rows(table, 1, (28, 28))).to_pydict()
+    order = np.random.default_rng(0).permutation(16)
+    backward = scorer(decode_rows(table.take(order), 1, (28, 28))).to_pydict()
+    by_id = dict(zip(forward["id"], forward["predicted_loss"]))
+    permuted = dict(zip(backward["id"], backward["predicted_loss"]))
+    assert by_id.pop("img-15") is None
+    assert permuted.pop("img-15") is None
+    assert permuted == pytest.approx(by_id)
+    assert len({round(score, 6) for score in by_id.values()}) > 1
