@@ -157,11 +157,15 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
     from distal.config import ConfigError
     from distal.cycle import CycleError
     from distal.images import ImageDecodeError
+    from distal.lease import LeaseHeldError
     from distal.pool import PoolError
     from distal.score import ScoringError
 
     try:
         return args.handler(args)
+    except LeaseHeldError as err:
+        print(f"distal: error: {err}", file=sys.stderr)
+        return 3
     except (ConfigError, CycleError, PoolError, ImageDecodeError, ScoringError) as err:
         print(f"distal: error: {err}", file=sys.stderr)
         return 1

@@ -143,6 +143,8 @@ class Config:
             pool's ``label`` column and join the next cycle's labeled set.
         ray_address: Ray cluster address; None starts a local Ray (or uses
             ``RAY_ADDRESS`` when it is set).
+        lease_ttl_s: seconds the run directory's lease lives without renewal;
+            a crashed job's lease is taken over after this long.
     """
 
     run_dir: str = "runs/mnist-demo"
@@ -151,6 +153,7 @@ class Config:
     initial_labels: int = 1_000
     oracle: bool = False
     ray_address: str | None = None
+    lease_ttl_s: float = 600.0
     pool: PoolConfig = field(default_factory=PoolConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -169,6 +172,7 @@ def validate(config: Config) -> None:
     """
     train = config.train
     _require(config.cycles >= 1, "cycles", config.cycles, "an integer >= 1")
+    _require(config.lease_ttl_s >= 10, "lease_ttl_s", config.lease_ttl_s, "a number of seconds >= 10")
     _require(config.initial_labels >= 0, "initial_labels", config.initial_labels, "an integer >= 0")
     _require(train.epochs >= 1, "train.epochs", train.epochs, "an integer >= 1")
     _require(train.num_workers >= 1, "train.num_workers", train.num_workers, "an integer >= 1")

@@ -24,6 +24,7 @@ import distal
 from distal import config as config_module
 from distal.config import Config
 from distal.datasets import keep_ids
+from distal.lease import RunLease
 from distal.pool import PoolInfo, open_fs, validate_pool
 from distal.rundir import RunDirectory, read_json, read_parquet, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from distal.score import choose_candidates, score_pool
@@ -62,19 +63,29 @@ def run(config: Config) -> list[CycleRecord]:
     pool = validate_pool(config.pool.path, require_label=config.oracle)
     eval_pool = validate_pool(config.pool.eval_path, require_label=True) if config.pool.eval_path else None
     run_dir = RunDirectory(config.run_dir)
-    write_bytes_atomic(run_dir.fs, run_dir.path("config.yaml"), config_module.dump_yaml(config).encode())
-    log.info("stage=start run_dir=%s pool=%s pool_rows=%d cycles=%d", config.run_dir, config.pool.path, pool.num_rows, config.cycles)
-    _ensure_initial_labels(config, pool, run_dir)
-    records = []
-    for cycle in range(1, config.cycles + 1):
-        if run_dir.is_complete(cycle):
-            manifest = read_json(run_dir.fs, run_dir.cycle_path(cycle, "manifest.json"))
-            log.info("stage=cycle cycle=%d state=complete action=skip", cycle)
-        else:
-            manifest = run_cycle(config, pool, eval_pool, run_dir, cycle)
-        records.append(CycleRecord(cycle, manifest))
+    with RunLease(run_dir, ttl_s=config.lease_ttl_s) as lease:
+        write_bytes_atomic(run_dir.fs, run_dir.path("config.yaml"), config_module.dump_yaml(config).encode())
+        log.info("stage=start run_dir=%s pool=%s pool_rows=%d cycles=%d", config.run_dir, config.pool.path, pool.num_rows, config.cycles)
+        _ensure_initial_labels(config, pool, run_dir)
+        records = []
+        for cycle in range(1, config.cycles + 1):
+            if run_dir.is_complete(cycle):
+                manifest = read_json(run_dir.fs, run_dir.cycle_path(cycle, "manifest.json"))
+                log.info("stage=cycle cycle=%d state=complete action=skip", cycle)
+            else:
+                _check_lease(lease, cycle)
+                manifest = run_cycle(config, pool, eval_pool, run_dir, cycle)
+            records.append(CycleRecord(cycle, manifest))
     print(format_summary(records), flush=True)
     return records
+
+
+def _check_lease(lease: RunLease, cycle: int) -> None:
+    if lease.lost:
+        raise CycleError(
+            f"The lease of {lease.run.uri} was taken by another job before cycle {cycle}; stopping so two jobs "
+            "never write one run directory. Raise lease_ttl_s if this job was only slow."
+        )
 
 
 def labeled_set(run_dir: RunDirectory, cycle: int) -> pa.Table:

@@ -84,3 +84,41 @@ def mnist_pools(tmp_path_factory):
     pool = write_mnist_pool(root / "pool", 600, offset=0, rows_per_shard=100)
     eval_pool = write_mnist_pool(root / "eval", 200, offset=600, rows_per_shard=100, prefix="mnist-eval")
     return pool, eval_pool
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 with dummy credentials in the environment; yields its endpoint URL."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {key: os.environ.get(key) for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the loopback S3 server; yields its name."""
+    import uuid
+
+    import s3fs
+
+    name = f"distal-test-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(use_listings_cache=False).mkdir(name)
+    return name
