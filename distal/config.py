@@ -77,6 +77,9 @@ class TrainConfig:
         cpus_per_worker: CPUs reserved per worker; keep the total below the
             cluster's CPUs so Ray Data has CPUs left to feed the workers.
         use_gpu: one GPU per worker; None uses CUDA when the cluster has GPUs.
+        checkpoint_every: epochs between checkpoints; a job killed during
+            training resumes from the last one. The final epoch always
+            writes one.
     """
 
     epochs: int = 200
@@ -93,6 +96,7 @@ class TrainConfig:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool | None = None
+    checkpoint_every: int = 10
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,7 @@ def validate(config: Config) -> None:
     _require(config.initial_labels >= 0, "initial_labels", config.initial_labels, "an integer >= 0")
     _require(train.epochs >= 1, "train.epochs", train.epochs, "an integer >= 1")
     _require(train.num_workers >= 1, "train.num_workers", train.num_workers, "an integer >= 1")
+    _require(train.checkpoint_every >= 1, "train.checkpoint_every", train.checkpoint_every, "an integer >= 1")
     _require(train.cpus_per_worker > 0, "train.cpus_per_worker", train.cpus_per_worker, "a number > 0")
     local_batch, remainder = divmod(train.batch_size, train.num_workers)
     _require(

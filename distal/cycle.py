@@ -29,12 +29,15 @@ from distal.pool import PoolInfo, open_fs, validate_pool
 from distal.rundir import RunDirectory, read_json, read_parquet, write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from distal.score import choose_candidates, score_pool
 from distal.selection import select_from_score_files
-from distal.train import train
+from distal.train import publish_model, train
 
 log = logging.getLogger(__name__)
 
 LABELS_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("source", pa.string())])
 INITIAL_LABELS = "initial.parquet"
+START_FILE = "start.json"
+TRAIN_RECORD = "train.json"
+MODEL_FILE = "model.pt"
 
 
 class CycleError(RuntimeError):
@@ -89,58 +92,132 @@ def _check_lease(lease: RunLease, cycle: int) -> None:
 
 
 def labeled_set(run_dir: RunDirectory, cycle: int) -> pa.Table:
-    """Return the labels a cycle starts from: the initial labels plus every earlier cycle's oracle labels."""
-    files = [run_dir.path("labels", INITIAL_LABELS)]
-    files += [run_dir.path("labels", f"cycle-{earlier:04d}.parquet") for earlier in range(1, cycle)]
+    """Return the labels a cycle starts from (as recorded in its ``start.json`` once it has started)."""
+    start_path = run_dir.cycle_path(cycle, START_FILE)
+    if run_dir.fs.exists(start_path):
+        return labels_from_files(run_dir, read_json(run_dir.fs, start_path)["label_files"])
+    return labels_from_files(run_dir, _label_files_for(cycle))
+
+
+def _label_files_for(cycle: int) -> list[str]:
+    """Return the label files (relative to the run directory) a new cycle starts from."""
+    return [f"labels/{INITIAL_LABELS}"] + [f"labels/cycle-{earlier:04d}.parquet" for earlier in range(1, cycle)]
+
+
+def labels_from_files(run_dir: RunDirectory, label_files: list[str]) -> pa.Table:
+    """Read and concatenate label files given relative to the run directory."""
     tables = []
-    for path in files:
+    for relative in label_files:
+        path = run_dir.path(relative)
         if not run_dir.fs.exists(path):
             raise CycleError(
-                f"Labels file {path} is missing, so cycle {cycle} cannot know its labeled set. "
+                f"Labels file {path} is missing, so the labeled set is unknown. "
                 "Rerun the earlier cycles (they are redone when incomplete) or restore the file."
             )
-        tables.append(read_parquet(run_dir.fs, path).cast(LABELS_SCHEMA))
+        tables.append(read_parquet(run_dir.fs, path).select(LABELS_SCHEMA.names).cast(LABELS_SCHEMA))
     labels = pa.concat_tables(tables)
     unique = pc.unique(labels.column("id"))
     if len(unique) != labels.num_rows:
-        raise CycleError(f"The labeled set of cycle {cycle} in {run_dir.uri} lists an id twice; a label file was written twice.")
+        raise CycleError(f"The label files {label_files} in {run_dir.uri} list an id twice; a label file was written twice.")
     return labels
 
 
-def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_dir: RunDirectory, cycle: int) -> dict[str, Any]:
-    """Run one cycle from scratch and return its manifest."""
-    run_dir.reset_cycle(cycle)
-    seed = cycle_seed(config.seed, cycle)
-    started = time.time()
-    timings: dict[str, float] = {}
-    write_bytes_atomic(run_dir.fs, run_dir.cycle_path(cycle, "config.yaml"), config_module.dump_yaml(config).encode())
-    labels = labeled_set(run_dir, cycle)
-    labeled_ids = labels.column("id").combine_chunks()
-    log.info("stage=cycle cycle=%d state=start labeled=%d seed=%d", cycle, labels.num_rows, seed)
+def _start_cycle(config: Config, run_dir: RunDirectory, cycle: int) -> dict[str, Any]:
+    """Return the cycle's start record, writing it first when the cycle is new.
 
+    An incomplete cycle started with the same configuration resumes; one
+    started with another configuration is deleted and started again.
+    """
+    path = run_dir.cycle_path(cycle, START_FILE)
+    resolved = config_module.to_dict(config)
+    if run_dir.fs.exists(path):
+        start = read_json(run_dir.fs, path)
+        if _cycle_settings(start["config"]) == _cycle_settings(resolved):
+            start["state"] = "resume"
+            return start
+        log.warning("stage=cycle cycle=%d action=restart reason=config_changed", cycle)
+    run_dir.reset_cycle(cycle)
+    write_bytes_atomic(run_dir.fs, run_dir.cycle_path(cycle, "config.yaml"), config_module.dump_yaml(config).encode())
+    start = {
+        "cycle": cycle,
+        "seed": cycle_seed(config.seed, cycle),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "label_files": _label_files_for(cycle),
+        "config": resolved,
+    }
+    write_json_atomic(run_dir.fs, path, start)
+    start["state"] = "start"
+    return start
+
+
+def _cycle_settings(resolved: dict[str, Any]) -> dict[str, Any]:
+    """Return the settings that shape a cycle's result; the cycle count, address and lease do not."""
+    return {key: value for key, value in resolved.items() if key not in ("cycles", "ray_address", "lease_ttl_s")}
+
+
+def _train_step(config, pool, eval_pool, run_dir: RunDirectory, cycle: int, labels: pa.Table, seed: int) -> dict[str, Any]:
+    """Train (resuming from Ray Train's last checkpoint) unless ``train.json`` says it is done."""
+    record_path = run_dir.cycle_path(cycle, TRAIN_RECORD)
+    if run_dir.fs.exists(record_path):
+        log.info("stage=train cycle=%d action=skip reason=already_trained", cycle)
+        return read_json(run_dir.fs, record_path)
     result = train(config, pool, labels, eval_pool, run_dir.uri_of("cycles", f"{cycle:04d}"), "train", seed)
-    timings["train_s"] = result.seconds
+    publish_model(result.checkpoint_uri, run_dir.uri_of("cycles", f"{cycle:04d}", MODEL_FILE))
+    record = {
+        "metrics": result.metrics,
+        "labeled_used": result.labeled_used,
+        "skipped": [list(pair) for pair in result.skipped],
+        "seconds": result.seconds,
+    }
+    write_json_atomic(run_dir.fs, record_path, record)
     log.info("stage=train cycle=%d done seconds=%.1f %s", cycle, result.seconds, " ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
+    return record
+
+
+def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_dir: RunDirectory, cycle: int) -> dict[str, Any]:
+    """Run one cycle, resuming it from its last finished step, and return its manifest.
+
+    Steps and the files that mark them done: ``start.json`` (seed and the
+    label files the cycle starts from), ``train.json`` (training finished,
+    ``model.pt`` published), one score file per pool shard plus
+    ``scores/_SUCCESS``, ``selected.parquet``, then ``manifest.json`` and
+    ``_COMPLETE``. A rerun skips finished steps, so a selection once written
+    never changes.
+    """
+    start = _start_cycle(config, run_dir, cycle)
+    seed = start["seed"]
+    timings: dict[str, float] = {}
+    labels = labels_from_files(run_dir, start["label_files"])
+    labeled_ids = labels.column("id").combine_chunks()
+    log.info("stage=cycle cycle=%d state=%s labeled=%d seed=%d", cycle, start["state"], labels.num_rows, seed)
+
+    trained = _train_step(config, pool, eval_pool, run_dir, cycle, labels, seed)
+    timings["train_s"] = trained["seconds"]
+    model_uri = run_dir.uri_of("cycles", f"{cycle:04d}", MODEL_FILE)
 
     step = time.monotonic()
     candidates = choose_candidates(pool, labeled_ids, config.score.subset_size, seed)
     timings["candidates_s"] = time.monotonic() - step
-    summary = score_pool(pool, candidates, labeled_ids, result.checkpoint_uri, run_dir, cycle, config.score)
+    summary = score_pool(pool, candidates, labeled_ids, model_uri, run_dir, cycle, config.score)
     timings["score_s"] = summary.seconds
 
     step = time.monotonic()
-    selection = select_from_score_files(summary.files, config.select.k, filesystem=run_dir.fs)
-    selected = selection.table
-    _check_selection(selected, labeled_ids, cycle)
-    write_parquet_atomic(run_dir.fs, run_dir.cycle_path(cycle, "selected.parquet"), selected)
-    skipped_table = pa.table(
-        {
-            "id": pa.array([row[0] for row in summary.skipped], pa.string()),
-            "shard": pa.array([row[1] for row in summary.skipped], pa.string()),
-            "reason": pa.array([row[2] for row in summary.skipped], pa.string()),
-        }
-    )
-    write_parquet_atomic(run_dir.fs, run_dir.cycle_path(cycle, "skipped.parquet"), skipped_table)
+    selected_path = run_dir.cycle_path(cycle, "selected.parquet")
+    if run_dir.fs.exists(selected_path):
+        selected = read_parquet(run_dir.fs, selected_path)
+        log.info("stage=select cycle=%d action=keep reason=already_written", cycle)
+    else:
+        selected = select_from_score_files(summary.files, config.select.k, filesystem=run_dir.fs).table
+        _check_selection(selected, labeled_ids, cycle)
+        skipped_table = pa.table(
+            {
+                "id": pa.array([row[0] for row in summary.skipped], pa.string()),
+                "shard": pa.array([row[1] for row in summary.skipped], pa.string()),
+                "reason": pa.array([row[2] for row in summary.skipped], pa.string()),
+            }
+        )
+        write_parquet_atomic(run_dir.fs, run_dir.cycle_path(cycle, "skipped.parquet"), skipped_table)
+        write_parquet_atomic(run_dir.fs, selected_path, selected)
     timings["select_s"] = time.monotonic() - step
 
     oracle_labels = 0
@@ -155,7 +232,7 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
         "run_dir": config.run_dir,
         "seed": seed,
         "run_seed": config.seed,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "started_at": start["started_at"],
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
         "config": config_module.to_dict(config),
@@ -164,8 +241,8 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
             "pool_rows": candidates.pool_rows,
             "labeled": labels.num_rows,
             "labeled_in_pool": candidates.labeled_in_pool,
-            "labeled_trained": result.labeled_used,
-            "labeled_skipped": len(result.skipped),
+            "labeled_trained": trained["labeled_used"],
+            "labeled_skipped": len(trained["skipped"]),
             "unlabeled": candidates.unlabeled,
             "candidates": candidates.count,
             "scored": summary.scored,
@@ -175,12 +252,13 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
             "selected": selected.num_rows,
             "oracle_labels": oracle_labels,
         },
-        "metrics": result.metrics,
+        "label_files": start["label_files"],
+        "metrics": trained["metrics"],
         "score_stats": summary.score_stats,
         "timings": {key: round(value, 3) for key, value in timings.items()},
         "files": {
-            "checkpoint": result.checkpoint_uri,
-            "scores": [path.rsplit("/", 1)[-1] for path in summary.files],
+            "model": MODEL_FILE,
+            "scores": ["scores/" + path.rsplit("/", 1)[-1] for path in summary.files],
             "selected": "selected.parquet",
             "skipped": "skipped.parquet",
         },
@@ -191,7 +269,7 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
     log.info(
         "stage=cycle cycle=%d state=complete labeled=%d scored=%d skipped=%d selected=%d eval_accuracy=%s",
         cycle, labels.num_rows, summary.scored, len(summary.skipped), selected.num_rows,
-        _format_optional(result.metrics.get("eval_accuracy")),
+        _format_optional(trained["metrics"].get("eval_accuracy")),
     )
     return manifest
 

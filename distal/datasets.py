@@ -19,13 +19,14 @@ from distal.pool import PoolInfo
 SHARD_COLUMN = "path"
 
 
-def read_pool(info: PoolInfo, columns: list[str]) -> Any:
-    """Return a Ray Dataset over the pool's shards with the given columns and the shard path."""
+def read_pool(info: PoolInfo, columns: list[str], shards: list[str] | None = None) -> Any:
+    """Return a Ray Dataset over the pool's shards (or the given subset) with the given columns and the shard path."""
     import ray.data
 
+    shards = list(info.shards) if shards is None else shards
     # One block per shard keeps blocks near the shard size (about a thousand
     # images) and lets every shard be decoded in parallel.
-    dataset = ray.data.read_parquet(list(info.shards), include_paths=True, override_num_blocks=len(info.shards))
+    dataset = ray.data.read_parquet(shards, include_paths=True, override_num_blocks=len(shards))
     return dataset.select_columns([*columns, SHARD_COLUMN])
 
 

@@ -55,6 +55,7 @@ class Candidates:
         labeled_in_pool: labeled ids found in the pool (excluded).
         unlabeled: rows left after excluding labeled ids.
         count: rows to score.
+        per_shard: rows to score in each pool shard, by shard file name.
     """
 
     ids: pa.Array | None
@@ -62,6 +63,7 @@ class Candidates:
     labeled_in_pool: int
     unlabeled: int
     count: int
+    per_shard: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,23 +93,35 @@ def choose_candidates(info: PoolInfo, labeled_ids: pa.Array, subset_size: int | 
     shard order, with memory bounded by the subset size.
     """
     pool_rows = 0
-    unlabeled = 0
+    unlabeled_per_shard: dict[str, int] = {}
     sampler = StreamingTopK(subset_size) if subset_size is not None else None
+    for shard, ids in _shard_ids(info):
+        pool_rows += len(ids)
+        ids = ids.filter(pc.invert(pc.is_in(ids, value_set=labeled_ids)))
+        unlabeled_per_shard[shard] = len(ids)
+        if sampler is not None and len(ids):
+            # Smallest hash first: rank by the negated hash.
+            sampler.update(ids.to_numpy(zero_copy_only=False), -hash_ids(ids, seed).astype(np.float64))
+    unlabeled = sum(unlabeled_per_shard.values())
+    labeled_in_pool = pool_rows - unlabeled
+    if sampler is None:
+        return Candidates(None, pool_rows, labeled_in_pool, unlabeled, unlabeled, unlabeled_per_shard)
+    chosen = pa.array(sampler.result()[0].tolist(), pa.string())
+    per_shard = {shard: int(pc.sum(pc.is_in(ids, value_set=chosen)).as_py() or 0) for shard, ids in _shard_ids(info)}
+    return Candidates(chosen, pool_rows, labeled_in_pool, unlabeled, len(chosen), per_shard)
+
+
+def _shard_ids(info: PoolInfo):
+    """Yield (shard file name, id column) for each shard of the pool, one shard in memory at a time."""
     for shard in info.shards:
         fs, path = open_fs(shard)
         with fs.open(path, "rb") as handle:
             ids = pq.read_table(handle, columns=["id"]).column("id").combine_chunks()
-        pool_rows += len(ids)
-        ids = ids.filter(pc.invert(pc.is_in(ids, value_set=labeled_ids)))
-        unlabeled += len(ids)
-        if sampler is not None and len(ids):
-            # Smallest hash first: rank by the negated hash.
-            sampler.update(ids.to_numpy(zero_copy_only=False), -hash_ids(ids, seed).astype(np.float64))
-    labeled_in_pool = pool_rows - unlabeled
-    if sampler is None:
-        return Candidates(None, pool_rows, labeled_in_pool, unlabeled, unlabeled)
-    chosen = pa.array(sampler.result()[0].tolist(), pa.string())
-    return Candidates(chosen, pool_rows, labeled_in_pool, unlabeled, len(chosen))
+        yield shard_name(shard), ids
+
+
+def shard_name(shard: str) -> str:
+    return shard.rstrip("/").rsplit("/", 1)[-1]
 
 
 class LossScorer:
@@ -155,21 +169,65 @@ def score_pool(
     run: RunDirectory,
     cycle: int,
     config: ScoreConfig,
-    rows_per_file: int = 100_000,
 ) -> ScoreSummary:
-    """Score the candidates and write ``scores/part-*.parquet`` and the scores marker.
+    """Score the candidates into one score file per pool shard, then write the scores marker.
+
+    A shard's score file (``scores/<shard name>``) is written once all of its
+    candidates are scored, so a rerun after a crash scores only the shards
+    without one.
 
     Raises:
         ScoringError: when more than ``config.max_skip_fraction`` of the
             candidates cannot be decoded.
     """
+    start = time.monotonic()
+    scores_dir = run.cycle_path(cycle, "scores")
+    run.fs.makedirs(scores_dir, exist_ok=True)
+    expected = {shard_name(shard): candidates.per_shard.get(shard_name(shard), 0) for shard in info.shards}
+    done = _finished_shards(run, scores_dir, expected)
+    todo = [shard for shard in info.shards if shard_name(shard) not in done]
+    for shard in [shard for shard in todo if expected[shard_name(shard)] == 0]:
+        _write_score_file(run, scores_dir, shard_name(shard), SCORE_SCHEMA.empty_table())
+    todo = [shard for shard in todo if expected[shard_name(shard)] > 0]
+    log.info("stage=score shards=%d already_scored=%d to_score=%d candidates=%d", len(expected), len(done), len(todo), candidates.count)
+    if todo:
+        _score_shards(info, todo, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config)
+    files = [f"{scores_dir}/{name}" for name in expected]
+    summary = summarize_scores(run, files)
+    summary.seconds = time.monotonic() - start
+
+    total = summary.scored + len(summary.skipped)
+    if total and len(summary.skipped) / total > config.max_skip_fraction:
+        first = summary.skipped[0]
+        raise ScoringError(
+            f"{len(summary.skipped)} of {total} candidate images could not be decoded "
+            f"({len(summary.skipped) / total:.2%}, above score.max_skip_fraction={config.max_skip_fraction}). "
+            f"First: id={first[0]} shard={first[1]} reason={first[2]}. "
+            "Fix or remove these images in the pool, or raise score.max_skip_fraction."
+        )
+    write_json_atomic(run.fs, f"{scores_dir}/{SCORES_MARKER}", {"files": len(files), "scored": summary.scored, "skipped": len(summary.skipped)})
+    return summary
+
+
+def _finished_shards(run: RunDirectory, scores_dir: str, expected: dict[str, int]) -> set[str]:
+    """Return shards whose score file exists; delete anything else left in the scores folder."""
+    done = set()
+    for path in run.fs.ls(scores_dir, detail=False):
+        name = shard_name(path)
+        if name in expected:
+            done.add(name)
+        else:
+            run.fs.rm(path, recursive=True)
+    return done
+
+
+def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config) -> None:
     import ray.data
 
     from distal.train import resolve_use_gpu
 
-    start = time.monotonic()
     use_gpu = resolve_use_gpu(config.use_gpu)
-    dataset = read_pool(info, ["id", "image"])
+    dataset = read_pool(info, ["id", "image"], shards=shards)
     if candidates.ids is not None:
         dataset = dataset.map_batches(keep_ids, batch_format="pyarrow", fn_kwargs={"ids": candidates.ids})
     else:
@@ -189,41 +247,58 @@ def score_pool(
         fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": use_gpu},
     )
 
-    progress = Progress(log, "score", total=candidates.count)
-    writer = _ScoreFileWriter(run, cycle, rows_per_file)
+    pending: dict[str, list[pa.Table]] = {}
+    received: Counter[str] = Counter()
+    progress = Progress(log, "score", total=sum(expected[shard_name(shard)] for shard in shards))
+    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        skipped = table.column("predicted_loss").null_count
+        for name in pc.unique(table.column("shard")).to_pylist():
+            part = table.filter(pc.equal(table.column("shard"), name))
+            pending.setdefault(name, []).append(part)
+            received[name] += part.num_rows
+            if received[name] == expected[name]:
+                _write_score_file(run, scores_dir, name, pa.concat_tables(pending.pop(name)))
+        progress.update(table.num_rows - skipped, skipped=skipped)
+    progress.finish()
+    unfinished = {name: (received[name], expected[name]) for name in pending}
+    if unfinished:
+        name, (got, want) = next(iter(unfinished.items()))
+        raise ScoringError(
+            f"Scoring returned {got} rows for shard {name} but {want} were expected; the pool changed while "
+            "this cycle ran. Rerun the job; shards already scored are kept."
+        )
+
+
+def _write_score_file(run: RunDirectory, scores_dir: str, name: str, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table.cast(SCORE_SCHEMA), buffer)
+    write_bytes_atomic(run.fs, f"{scores_dir}/{name}", buffer.getvalue())
+
+
+def summarize_scores(run: RunDirectory, files: list[str]) -> ScoreSummary:
+    """Count scored and skipped rows, conversions and score statistics by streaming the score files."""
     skipped: list[tuple[str, str, str]] = []
     conversions: Counter[str] = Counter()
-    scores_seen = []
-    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        writer.add(table)
-        reasons = table.column("skip_reason")
-        bad = table.filter(pc.is_valid(reasons))
+    chunks = []
+    scored = 0
+    for path in files:
+        with run.fs.open(path, "rb") as handle:
+            table = pq.read_table(handle)
+        bad = table.filter(pc.is_valid(table.column("skip_reason")))
         for row in bad.select(["id", "shard", "skip_reason"]).to_pylist():
-            skipped.append((row["id"], row["shard"], row["skip_reason"]))
-            if len(skipped) <= 5:
+            if len(skipped) < 5:
                 log.warning(
                     "stage=score skipped id=%s shard=%s reason=%s: the image cannot be decoded; "
                     "fix or remove it in the pool (it is recorded in this cycle's skipped.parquet)",
                     row["id"], row["shard"], row["skip_reason"],
                 )
+            skipped.append((row["id"], row["shard"], row["skip_reason"]))
         _count_conversions(table, conversions)
         values = table.column("predicted_loss").drop_null().to_numpy()
-        scores_seen.append(_summarize_chunk(values))
-        progress.update(table.num_rows - bad.num_rows, skipped=bad.num_rows)
-    files = writer.close()
-    scored = progress.done
-    seconds = progress.finish()
-
-    total = scored + len(skipped)
-    if total and len(skipped) / total > config.max_skip_fraction:
-        raise ScoringError(
-            f"{len(skipped)} of {total} candidate images could not be decoded "
-            f"({len(skipped) / total:.2%}, above score.max_skip_fraction={config.max_skip_fraction}). "
-            f"First: id={skipped[0][0]} shard={skipped[0][1]} reason={skipped[0][2]}. "
-            "Fix or remove these images in the pool, or raise score.max_skip_fraction."
-        )
-    write_json_atomic(run.fs, run.cycle_path(cycle, "scores", SCORES_MARKER), {"files": files, "scored": scored, "skipped": len(skipped)})
-    return ScoreSummary(files, scored, skipped, dict(conversions), time.monotonic() - start, _merge_stats(scores_seen))
+        scored += len(values)
+        chunks.append(_summarize_chunk(values))
+    skipped.sort()
+    return ScoreSummary(files, scored, skipped, dict(conversions), 0.0, _merge_stats(chunks))
 
 
 def _count_conversions(table: pa.Table, conversions: Counter) -> None:
@@ -261,35 +336,3 @@ def _merge_stats(chunks: list[tuple[int, float, float, float, float]]) -> dict[s
         "min": min(chunk[3] for chunk in chunks),
         "max": max(chunk[4] for chunk in chunks),
     }
-
-
-class _ScoreFileWriter:
-    """Buffer score rows and write them as atomic Parquet files of at most ``rows_per_file`` rows."""
-
-    def __init__(self, run: RunDirectory, cycle: int, rows_per_file: int) -> None:
-        self.run = run
-        self.cycle = cycle
-        self.rows_per_file = rows_per_file
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.files: list[str] = []
-
-    def add(self, table: pa.Table) -> None:
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        if self.pending_rows >= self.rows_per_file:
-            self._flush()
-
-    def close(self) -> list[str]:
-        if self.pending_rows or not self.files:
-            self._flush()
-        return self.files
-
-    def _flush(self) -> None:
-        table = pa.concat_tables(self.pending) if self.pending else SCORE_SCHEMA.empty_table()
-        name = f"part-{len(self.files):05d}.parquet"
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        write_bytes_atomic(self.run.fs, self.run.cycle_path(self.cycle, "scores", name), buffer.getvalue())
-        self.files.append(self.run.cycle_path(self.cycle, "scores", name))
-        self.pending, self.pending_rows = [], 0

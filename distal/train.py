@@ -77,21 +77,41 @@ def build_learner(model_config: ModelConfig, spec: TaskSpec):
     return task, attach_loss_module(task, model_config)
 
 
-def save_checkpoint(directory: str, learner: torch.nn.Module, model_config: ModelConfig, spec: TaskSpec, epoch: int) -> None:
+def save_checkpoint(
+    directory: str,
+    learner: torch.nn.Module,
+    model_config: ModelConfig,
+    spec: TaskSpec,
+    epoch: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> None:
+    """Write ``model.pt``: both modules, what rebuilds them, and the optimizer state for a resume."""
     state = {
         "state_dict": learner.state_dict(),
         "model_config": dataclasses.asdict(model_config),
         "task_spec": dataclasses.asdict(spec),
         "epoch": epoch,
     }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+        state["scheduler"] = scheduler.state_dict()
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
 
 
+def _model_file(uri: str) -> str:
+    return uri if uri.endswith(".pt") else f"{uri.rstrip('/')}/{CHECKPOINT_FILE}"
+
+
 def load_checkpoint(checkpoint_uri: str, device: torch.device | str = "cpu"):
-    """Load a learner saved by training; return (task, learner in eval mode, spec)."""
+    """Load a learner saved by training; return (task, learner in eval mode, spec).
+
+    Args:
+        checkpoint_uri: a ``.pt`` file or a checkpoint directory holding ``model.pt``.
+    """
     import fsspec
 
-    with fsspec.open(f"{checkpoint_uri.rstrip('/')}/{CHECKPOINT_FILE}", "rb") as handle:
+    with fsspec.open(_model_file(checkpoint_uri), "rb") as handle:
         state = torch.load(handle, map_location=device, weights_only=True)
     model_config = ModelConfig(**state["model_config"])
     spec_data = state["task_spec"]
@@ -100,6 +120,24 @@ def load_checkpoint(checkpoint_uri: str, device: torch.device | str = "cpu"):
     learner.load_state_dict(state["state_dict"])
     learner.to(device).eval()
     return task, learner, spec
+
+
+def publish_model(checkpoint_uri: str, destination_uri: str) -> None:
+    """Copy a checkpoint's modules, without optimizer state, to a stable path such as ``cycles/0001/model.pt``."""
+    import io
+
+    import fsspec
+
+    from distal.rundir import write_bytes_atomic
+
+    with fsspec.open(_model_file(checkpoint_uri), "rb") as handle:
+        state = torch.load(handle, map_location="cpu", weights_only=True)
+    state.pop("optimizer", None)
+    state.pop("scheduler", None)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    fs, path = fsspec.core.url_to_fs(destination_uri)
+    write_bytes_atomic(fs, path, buffer.getvalue())
 
 
 def labeled_dataset(info: PoolInfo, labels: pa.Table):
@@ -120,14 +158,22 @@ def eval_dataset(info: PoolInfo):
 
 
 def _decode_and_split(dataset, channels: int, size: tuple[int, int]):
+    import ray.data
     from ray.data.expressions import col
 
-    decoded = dataset.map_batches(
-        decode_rows, batch_format="pyarrow", fn_kwargs={"channels": channels, "image_size": size}
-    ).materialize()
-    skipped_rows = decoded.filter(expr=col("skip_reason") != "").select_columns(["id", "skip_reason"]).take_all()
-    skipped = [(row["id"], row["skip_reason"]) for row in skipped_rows]
-    good = decoded.filter(expr=col("skip_reason") == "").select_columns(["image", "label"]).materialize()
+    # Keep block order fixed, so the same labels give the same batches and a
+    # rerun or a resume trains the same model.
+    options = ray.data.DataContext.get_current().execution_options
+    preserve_order, options.preserve_order = options.preserve_order, True
+    try:
+        decoded = dataset.map_batches(
+            decode_rows, batch_format="pyarrow", fn_kwargs={"channels": channels, "image_size": size}
+        ).materialize()
+        skipped_rows = decoded.filter(expr=col("skip_reason") != "").select_columns(["id", "skip_reason"]).take_all()
+        good = decoded.filter(expr=col("skip_reason") == "").select_columns(["image", "label"]).materialize()
+    finally:
+        options.preserve_order = preserve_order
+    skipped = sorted((row["id"], row["skip_reason"]) for row in skipped_rows)
     return good, skipped
 
 
@@ -186,6 +232,7 @@ def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo 
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split="all"),
@@ -235,19 +282,24 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     world = context.get_world_size()
     seed = loop_config["seed"]
     torch.manual_seed(seed * 1000 + rank)
-    generator = torch.Generator().manual_seed(seed * 1000 + rank)
 
-    task, learner = build_learner(model_config, spec)
+    task, model = build_learner(model_config, spec)
+    optimizer, scheduler = build_optimizer(model, train_cfg)
+    first_epoch = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
+    if first_epoch and rank == 0:
+        log.info("stage=train action=resume epoch=%d/%d", first_epoch, train_cfg.epochs)
     device = ray.train.torch.get_device()
-    learner = ray.train.torch.prepare_model(learner)
-    optimizer, scheduler = build_optimizer(learner, train_cfg)
+    learner = ray.train.torch.prepare_model(model)
     local_batch = train_cfg.batch_size // world
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
     epoch_start = time.monotonic()
 
-    for epoch in range(train_cfg.epochs):
+    for epoch in range(first_epoch, train_cfg.epochs):
         learner.train()
+        # Seeding per epoch and rank makes augmentation reproducible after a
+        # resume without saving every worker's generator state.
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # target loss sum, ranking loss sum, samples
         for batch in train_shard.iter_torch_batches(
             batch_size=local_batch,
@@ -286,24 +338,35 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if final and eval_shard is not None:
             metrics.update(_evaluate(learner, task, eval_shard, device, world))
         if rank == 0:
-            _log_epoch(metrics, train_cfg.epochs, epoch_start)
-        if final:
+            _log_epoch(metrics, train_cfg.epochs, epoch_start, first_epoch)
+        if final or (epoch + 1) % train_cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None
                 if rank == 0:
-                    model = learner.module if hasattr(learner, "module") else learner
-                    save_checkpoint(directory, model, model_config, spec, epoch + 1)
+                    save_checkpoint(directory, model, model_config, spec, epoch + 1, optimizer, scheduler)
                     checkpoint = ray.train.Checkpoint.from_directory(directory)
                 ray.train.report(metrics, checkpoint=checkpoint)
         else:
             ray.train.report(metrics)
 
 
-def _log_epoch(metrics: dict[str, float], epochs: int, start: float) -> None:
+def _restore(checkpoint, model, optimizer, scheduler) -> int:
+    """Load a mid-training checkpoint into the modules and return the epoch to start from (0 without one)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["epoch"])
+
+
+def _log_epoch(metrics: dict[str, float], epochs: int, start: float, first_epoch: int) -> None:
     epoch = int(metrics["epoch"])
     elapsed = time.monotonic() - start
-    if epoch == 1 or epoch == epochs or epoch % max(1, epochs // 10) == 0:
-        eta = elapsed / epoch * (epochs - epoch)
+    if epoch == first_epoch + 1 or epoch == epochs or epoch % max(1, epochs // 10) == 0:
+        eta = elapsed / (epoch - first_epoch) * (epochs - epoch)
         fields = " ".join(f"{key}={value:.4g}" for key, value in metrics.items() if key != "epoch")
         log.info("stage=train epoch=%d/%d %s elapsed=%.0fs eta=%.0fs", epoch, epochs, fields, elapsed, eta)
 

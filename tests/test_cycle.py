@@ -62,7 +62,7 @@ def finished_run(ray_cluster, mnist_pools, tmp_path_factory):
 
 def read_score_ids(run: RunDirectory, cycle: int) -> list[str]:
     ids = []
-    for path in sorted(Path(run.cycle_path(cycle, "scores")).glob("part-*.parquet")):
+    for path in sorted(Path(run.cycle_path(cycle, "scores")).glob("*.parquet")):
         ids += pq.read_table(path, columns=["id"]).column("id").to_pylist()
     return ids
 
@@ -151,8 +151,7 @@ def test_scores_stay_attached_to_ids(finished_run, mnist_pools, ray_cluster, tmp
     """Two actors and small batches finish out of order; each score must match its own image."""
     config, _, run = finished_run
     pool, _ = mnist_pools
-    manifest = json.loads(Path(run.cycle_path(1, "manifest.json")).read_text())
-    checkpoint = manifest["files"]["checkpoint"]
+    checkpoint = run.cycle_path(1, "model.pt")
     labeled = labeled_set(run, 1).column("id").combine_chunks()
     candidates = choose_candidates(pool, labeled, 120, seed=7)
     scratch = RunDirectory(str(tmp_path / "scratch"))
@@ -189,7 +188,7 @@ def write_pool_with_bad_images(path: Path, bad: dict[int, bytes]):
 
 def test_undecodable_images_are_skipped_and_recorded(finished_run, ray_cluster, tmp_path):
     _, _, run = finished_run
-    checkpoint = json.loads(Path(run.cycle_path(1, "manifest.json")).read_text())["files"]["checkpoint"]
+    checkpoint = run.cycle_path(1, "model.pt")
     pool = write_pool_with_bad_images(tmp_path / "pool", {3: b"", 61: b"not an image at all"})
     empty = pa.array([], pa.string())
     candidates = choose_candidates(pool, empty, None, seed=0)
@@ -207,7 +206,7 @@ def test_undecodable_images_are_skipped_and_recorded(finished_run, ray_cluster, 
 
 def test_too_many_undecodable_images_fail_scoring(finished_run, ray_cluster, tmp_path):
     _, _, run = finished_run
-    checkpoint = json.loads(Path(run.cycle_path(1, "manifest.json")).read_text())["files"]["checkpoint"]
+    checkpoint = run.cycle_path(1, "model.pt")
     pool = write_pool_with_bad_images(tmp_path / "pool", {row: b"\x89PNG broken" for row in range(5)})
     empty = pa.array([], pa.string())
     candidates = choose_candidates(pool, empty, None, seed=0)
@@ -236,7 +235,7 @@ def encode_mode(gray: np.ndarray, mode: str) -> bytes:
 
 def test_mixed_modes_are_converted_and_counted(finished_run, ray_cluster, tmp_path):
     _, _, run_dir = finished_run
-    checkpoint = json.loads(Path(run_dir.cycle_path(1, "manifest.json")).read_text())["files"]["checkpoint"]
+    checkpoint = run_dir.cycle_path(1, "model.pt")
     images, _ = mnist_arrays(40)
     modes = ["L", "RGB", "RGBA", "P", "I;16"] * 8
     table = pa.table(
@@ -277,7 +276,7 @@ def test_scorer_output_follows_ids_not_positions(finished_run):
     from distal.score import LossScorer
 
     _, _, run_dir = finished_run
-    checkpoint = json.loads(Path(run_dir.cycle_path(1, "manifest.json")).read_text())["files"]["checkpoint"]
+    checkpoint = run_dir.cycle_path(1, "model.pt")
     images, _ = mnist_arrays(16)
     table = pa.table(
         {
