@@ -1,6 +1,6 @@
 """Labels of a run directory: importing labels from people, and the labeled set they form.
 
-Label files live under ``labels/`` in the run directory, and none is ever rewritten::
+Label files live under ``labels/`` in the run directory. Import files are never rewritten::
 
     labels/initial.parquet            initial labeled set (simulation oracle)
     labels/cycle-0001.parquet         oracle labels of cycle 1's selection (simulation)
@@ -29,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import posixpath
 import re
 import time
@@ -92,7 +93,7 @@ class LabelError(ValueError):
 
 
 class LabelImportError(LabelError):
-    """A label file that cannot be imported; nothing was written.
+    """A label file that cannot be imported. Nothing was written.
 
     Attributes:
         file: the label file as given to :func:`import_labels`.
@@ -110,10 +111,10 @@ class LabelProblem:
     """One problem in a label file.
 
     Attributes:
-        kind: category, such as ``"unknown id"``; messages count left-out problems by kind.
+        kind: category such as ``"unknown id"``, used to count the problems a message leaves out.
         message: what is wrong, in words.
-        row: data row counted from 1 (a CSV header is not a row); None for the whole file.
-        line: line of a CSV or JSON Lines file counted from 1; None for Parquet files.
+        row: data row counted from 1, where a CSV header is not a row; None for the whole file.
+        line: line of a CSV or JSON Lines file counted from 1; None for Parquet files and the whole file.
         id: the row's id as read; None when the row has none.
     """
 
@@ -132,7 +133,7 @@ class LabelProblem:
                 place += f" (line {self.line})"
             places.append(place)
         if self.id is not None:
-            places.append(f"id {self.id!r}")
+            places.append(f"id {_quote(self.id)}")
         return f"{', '.join(places) or 'file'}: {self.message}"
 
 
@@ -150,7 +151,7 @@ class ImportResult:
         rows: data rows in the file; None when ``already_imported`` (the file is not read then).
         added: ids that had no label before.
         relabeled: ids whose label the import replaced.
-        unchanged: ids that already had the same label; they are not written again.
+        unchanged: ids that already had the same label, which are not written again.
     """
 
     source: str
@@ -199,14 +200,14 @@ def import_labels(
 
     The file is CSV, JSON Lines or Parquet, chosen by extension (``.csv``,
     ``.jsonl`` or ``.ndjson``, ``.parquet``), at a local path or any fsspec
-    URI. It needs the columns ``id`` and ``label``; other columns are
+    URI. It needs the columns ``id`` and ``label``, and other columns are
     ignored. A label is a class index or a class name. A text label that
     names a class is that class, and other text holding a whole number is an
     index. Text that names a class while its number would be another index
     (``"5"`` when class ``"5"`` has index 1) is rejected as ambiguous.
 
     Every row is checked before anything is written, and one new file
-    ``labels/import-<UTC time>-<sha256[:12]>.parquet`` holds the rows that
+    ``labels/import-<UTC time>-<sha256[:12]>.parquet`` contains the rows that
     add or change a label. An id that already has the same label is counted
     as unchanged and not written again. Importing bytes that were imported
     before changes nothing.
@@ -226,51 +227,35 @@ def import_labels(
         What the import added, replaced and left unchanged.
 
     Raises:
-        LabelImportError: the file cannot be read, or has problems: no rows, a
-            missing column, a missing or empty id or label, an id not in the
-            pool, a label outside the classes, the same id twice, or an id
-            that already has another label while ``relabel`` is False. The
-            message lists the problems with row numbers and ids.
+        LabelImportError: the file cannot be read or has problems. Problems
+            are no rows, a missing column, a missing or empty id or label, an
+            id not in the pool, a label outside the classes, or the same id
+            twice. An id that already has another label is one too, unless
+            ``relabel`` is True. The message lists the problems with row
+            numbers and ids.
         LabelError: an existing label file of the run directory is unreadable.
         PoolError: the pool is missing or invalid.
     """
     imported_at = _utc(now)
+    file_format = _input_format(file)
     run_dir = RunDirectory(run_dir_uri)
     data, source = _read_bytes(file)
     sha256 = hashlib.sha256(data).hexdigest()
 
-    earlier = _find_import(run_dir, sha256)
+    # One listing serves both checks, so they see the same files.
+    files = label_files(run_dir.uri)
+    earlier = _find_import(run_dir, files, sha256)
     if earlier is not None:
         logger.info("labels import skipped file=%s sha256=%s already_imported=%s", source, sha256[:12], earlier)
         return ImportResult(source, sha256, True, earlier, None, 0, 0, 0)
 
-    file_format = _input_format(file)
-    rows, problems = _READERS[file_format](data, file)
-    pool = read_pool_info(pool_uri)
-    if classes is None:
-        classes = pool.classes
-    elif pool.classes is not None and tuple(classes) != pool.classes:
-        logger.warning("labels import classes differ from the pool's classes pool=%s classes=%s", pool.path, list(classes))
-    parser = _LabelParser(classes)
-
-    labels, row_problems = _check_rows(rows, parser)
-    problems += row_problems
-    unknown = _find_unknown_ids(pool.shards, [label.id for label in labels])
-    problems += [_problem(UNKNOWN_ID, f"unknown id, not in pool {pool.path}", label) for label in labels if label.id in unknown]
-    known = [label for label in labels if label.id not in unknown]
-    changes, unchanged, existing_problems = _compare_with_labeled_set(run_dir, known, parser, relabel)
-    problems += existing_problems
-
-    if problems:
-        all_unknown = bool(labels) and len(unknown) == len(labels)
-        raise LabelImportError(_format_problems(file, file_format, problems, pool.path, all_unknown), file, _sorted(problems))
-
+    rows, changes, unchanged = _validate(run_dir, files, file, file_format, data, pool_uri, classes, relabel)
     result = ImportResult(
         source=source,
         sha256=sha256,
         already_imported=False,
         label_file=None,
-        rows=len(rows),
+        rows=rows,
         added=sum(1 for _, replaces in changes if not replaces),
         relabeled=sum(1 for _, replaces in changes if replaces),
         unchanged=unchanged,
@@ -344,7 +329,8 @@ def current_labels(run_dir_uri: str, *, files: Sequence[str] | None = None) -> p
         ValueError: a name in ``files`` is not a label file name.
     """
     run_dir = RunDirectory(run_dir_uri)
-    labels, conflicts = _labeled_set(run_dir, files)
+    names = label_files(run_dir.uri) if files is None else _order_files(files)
+    labels, conflicts = _labeled_set(run_dir, names)
     if conflicts:
         raise LabelError(_format_conflicts(run_dir, conflicts))
     return labels.select(LABELS_SCHEMA.names)
@@ -370,6 +356,46 @@ def pending_labels(run_dir_uri: str, cycle: int) -> tuple[int, int]:
     labeled_ids = current_labels(run_dir_uri).column("id")
     labeled = pc.sum(pc.is_in(selected, value_set=labeled_ids.combine_chunks())).as_py() or 0
     return len(selected), labeled
+
+
+def _validate(
+    run_dir: RunDirectory,
+    label_file_names: list[str],
+    file: str,
+    file_format: str,
+    data: bytes,
+    pool_uri: str,
+    classes: Sequence[str] | None,
+    relabel: bool,
+) -> tuple[int, list[tuple[_Label, bool]], int]:
+    """Check a label file against the pool and the labeled set.
+
+    Returns:
+        (data rows, changes as (row, replaces an earlier label), unchanged rows).
+
+    Raises:
+        LabelImportError: listing every problem found.
+    """
+    rows, problems = _READERS[file_format](data, file)
+    pool = read_pool_info(pool_uri)
+    if classes is None:
+        classes = pool.classes
+    elif pool.classes is not None and tuple(classes) != pool.classes:
+        logger.warning("labels import classes differ from the pool's classes pool=%s classes=%s", pool.path, list(classes))
+    parser = _LabelParser(classes)
+
+    labels, row_problems = _check_rows(rows, parser)
+    problems += row_problems
+    unknown = _find_unknown_ids(pool.shards, [label.id for label in labels])
+    problems += [_problem(UNKNOWN_ID, f"unknown id, not in pool {pool.path}", label) for label in labels if label.id in unknown]
+    known = [label for label in labels if label.id not in unknown]
+    changes, unchanged, existing_problems = _compare_with_labeled_set(run_dir, label_file_names, known, parser, relabel)
+    problems += existing_problems
+
+    if problems:
+        all_unknown = bool(labels) and len(unknown) == len(labels)
+        raise LabelImportError(_format_problems(file, file_format, problems, pool.path, all_unknown), file, _sorted(problems))
+    return len(rows), changes, unchanged
 
 
 # --- reading the input file ----------------------------------------------------------------
@@ -408,18 +434,21 @@ def _decode(data: bytes, file: str) -> str:
 
 
 def _read_csv(data: bytes, file: str) -> tuple[list[_Row], list[LabelProblem]]:
-    """Read a comma-separated file with a header row; blank lines are skipped."""
-    reader = csv.reader(io.StringIO(_decode(data, file), newline=""))
+    """Read a comma-separated file with a header row, skipping blank lines."""
+    # With strict=True an unclosed or stray quote raises csv.Error instead of swallowing the next lines.
+    reader = csv.reader(io.StringIO(_decode(data, file), newline=""), strict=True)
     try:
         header = next((fields for fields in reader if fields), None)
         if header is None:
             return [], [LabelProblem(EMPTY_FILE, "the file is empty (no header and no rows)")]
         columns = [name.strip() for name in header]
-        problems = _check_columns(columns, "column")
+        problems = _check_columns(columns)
         if problems:
             if len(columns) == 1 and (";" in columns[0] or "\t" in columns[0]):
                 separator = "';'" if ";" in columns[0] else "a tab"
-                problems.append(LabelProblem(MISSING_COLUMN, f"the header {header[0]!r} seems to use {separator} between columns, but CSV files need commas"))
+                problems.append(LabelProblem(
+                    MISSING_COLUMN, f"the header {_quote(header[0])} seems to use {separator} between columns, but CSV files need commas"
+                ))
             return [], problems
 
         id_index, label_index = columns.index("id"), columns.index("label")
@@ -430,15 +459,17 @@ def _read_csv(data: bytes, file: str) -> tuple[list[_Row], list[LabelProblem]]:
             if not fields:
                 continue
             number = len(rows) + 1
-            if len(fields) != len(columns):
-                shown_id = fields[id_index] if id_index < len(fields) else None
-                problems.append(LabelProblem(
-                    MALFORMED,
-                    f"the row has {len(fields)} fields, but the header has {len(columns)} columns; "
-                    "quote values that contain commas",
-                    number, line, shown_id,
-                ))
-            rows.append(_Row(number, line, fields[id_index], fields[label_index]) if len(fields) == len(columns) else _Row(number, line, None, None))
+            if len(fields) == len(columns):
+                rows.append(_Row(number, line, fields[id_index], fields[label_index]))
+                continue
+            row_id = fields[id_index] if id_index < len(fields) else None
+            problems.append(LabelProblem(
+                MALFORMED,
+                f"the row has {_count(len(fields), 'field')}, but the header has {len(columns)} columns; "
+                "quote values that contain commas",
+                number, line, row_id,
+            ))
+            rows.append(_Row(number, line, None, None))
     except csv.Error as err:
         raise LabelImportError(
             f"Label file {file} is not valid CSV at line {reader.line_num}: {err}. Fix the file and import it again.", file
@@ -447,7 +478,7 @@ def _read_csv(data: bytes, file: str) -> tuple[list[_Row], list[LabelProblem]]:
 
 
 def _read_jsonl(data: bytes, file: str) -> tuple[list[_Row], list[LabelProblem]]:
-    """Read one JSON object per line; blank lines are skipped."""
+    """Read one JSON object per line, skipping blank lines."""
     rows: list[_Row] = []
     problems: list[LabelProblem] = []
     seen = {"id": False, "label": False}
@@ -476,12 +507,14 @@ def _read_jsonl(data: bytes, file: str) -> tuple[list[_Row], list[LabelProblem]]
 
 def _read_parquet(data: bytes, file: str) -> tuple[list[_Row], list[LabelProblem]]:
     try:
-        table = pq.read_table(io.BytesIO(data))
+        parquet_file = pq.ParquetFile(io.BytesIO(data))
+        problems = _check_columns(parquet_file.schema_arrow.names)
+        if problems:
+            return [], problems
+        # Only id and label are read, because exports from labeling tools can carry large extra columns.
+        table = parquet_file.read(columns=["id", "label"])
     except (pa.ArrowException, OSError) as err:
         raise LabelImportError(f"Label file {file} is not a readable Parquet file: {err}. Fix the file and import it again.", file) from err
-    problems = _check_columns(table.column_names, "column")
-    if problems:
-        return [], problems
     ids, labels = table.column("id").to_pylist(), table.column("label").to_pylist()
     rows = [_Row(index + 1, None, ids[index], labels[index]) for index in range(table.num_rows)]
     return _without_malformed(rows, [], "the file has no rows")
@@ -490,19 +523,19 @@ def _read_parquet(data: bytes, file: str) -> tuple[list[_Row], list[LabelProblem
 _READERS = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
 
 
-def _check_columns(columns: Sequence[str], noun: str) -> list[LabelProblem]:
+def _check_columns(columns: Sequence[str]) -> list[LabelProblem]:
     problems = []
     for name in ("id", "label"):
         count = list(columns).count(name)
         if count == 0:
-            problems.append(LabelProblem(MISSING_COLUMN, f"no {name!r} {noun} (found: {list(columns)}); the file needs the columns id and label"))
+            problems.append(LabelProblem(MISSING_COLUMN, f"no {name!r} column (found: {list(columns)}); the file needs the columns id and label"))
         elif count > 1:
-            problems.append(LabelProblem(MISSING_COLUMN, f"the {noun} {name!r} appears {count} times; keep one"))
+            problems.append(LabelProblem(MISSING_COLUMN, f"the column {name!r} appears {count} times; keep one"))
     return problems
 
 
 def _without_malformed(rows: list[_Row], problems: list[LabelProblem], empty: str) -> tuple[list[_Row], list[LabelProblem]]:
-    """Drop rows already reported as malformed, so they are not reported twice; an empty file is a problem."""
+    """Drop rows already reported as malformed, so they are not reported twice. Add a problem for a file without rows."""
     if not rows:
         return [], [*problems, LabelProblem(EMPTY_FILE, empty)]
     malformed = {problem.row for problem in problems if problem.kind == MALFORMED}
@@ -513,7 +546,7 @@ def _without_malformed(rows: list[_Row], problems: list[LabelProblem], empty: st
 
 
 class _LabelParser:
-    """Turns label values (index or class name) into class indexes."""
+    """Parser from label values (class index or class name) to class indexes."""
 
     def __init__(self, classes: Sequence[str] | None) -> None:
         if isinstance(classes, str):
@@ -526,18 +559,19 @@ class _LabelParser:
 
     def parse(self, value: Any) -> tuple[int | None, str | None]:
         """Return (class index, None), or (None, the problem) for an invalid value."""
-        if value is None or (isinstance(value, str) and not value.strip()):
+        # Parquet writers such as pandas store a missing number as NaN.
+        if value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, float) and math.isnan(value)):
             return None, "label is missing"
         if isinstance(value, bool):
-            return None, f"label {value!r} is not a class index or name"
+            return None, f"label {_quote(value)} is not a class index or name"
         if isinstance(value, float):
             if not value.is_integer():
-                return None, f"label {value!r} is not a whole number"
+                return None, f"label {_quote(value)} is not a whole number"
             value = int(value)
         if isinstance(value, int):
             return self._check_index(value, value)
         if not isinstance(value, str):
-            return None, f"label {value!r} is not a class index or name"
+            return None, f"label {_quote(value)} is not a class index or name"
 
         text = value.strip()
         as_number = int(text) if re.fullmatch(r"[+-]?\d+", text) else None
@@ -545,27 +579,27 @@ class _LabelParser:
             named = self.index[text]
             if as_number is not None and as_number != named and self.classes is not None and 0 <= as_number < len(self.classes):
                 return None, (
-                    f"label {value!r} is ambiguous: it names class index {named}, but read as an index it is class "
-                    f"{self.classes[as_number]!r}; write the other class name instead"
+                    f"label {_quote(value)} is ambiguous: it names class index {named}, but read as an index it is class "
+                    f"{self.classes[as_number]!r}; give integer indexes in a JSON Lines or Parquet file instead"
                 )
             return named, None
         if as_number is not None:
             return self._check_index(as_number, value)
         if self.classes is None:
-            return None, f"label {value!r} is a name, but the pool has no class names; give class indexes or pass classes"
-        return None, f"label {value!r} is not a class (valid: {self.valid_classes()})"
+            return None, f"label {_quote(value)} is a name, but the pool has no class names; give class indexes or pass classes"
+        return None, f"label {_quote(value)} is not a class (valid: {self.valid_classes()})"
 
     def _check_index(self, index: int, value: Any) -> tuple[int | None, str | None]:
         if index < 0:
-            return None, f"label {value!r} is negative; class indexes start at 0"
+            return None, f"label {_quote(value)} is negative; class indexes start at 0"
         if self.classes is not None and index >= len(self.classes):
-            return None, f"label {value!r} is out of range: there are {len(self.classes)} classes, so indexes are 0 to {len(self.classes) - 1}"
+            return None, f"label {_quote(value)} is out of range: there are {len(self.classes)} classes, so indexes are 0 to {len(self.classes) - 1}"
         return index, None
 
     def valid_classes(self) -> str:
-        shown = ", ".join(self.classes[:MAX_LISTED_CLASSES])
+        listed = ", ".join(self.classes[:MAX_LISTED_CLASSES])
         rest = len(self.classes) - MAX_LISTED_CLASSES
-        return f"{shown}, ... {rest} more" if rest > 0 else shown
+        return f"{listed}, ... {rest} more" if rest > 0 else listed
 
     def describe(self, index: int) -> str:
         """Format a class index with its name, such as ``3 ('cat')``."""
@@ -581,24 +615,23 @@ def _parse_id(value: Any) -> tuple[str | None, str | None]:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value), None
     if not isinstance(value, str):
-        return None, f"id {value!r} is not text"
+        return None, f"id {_quote(value)} is not text"
     if not value.strip():
         return None, "id is empty"
     return value, None
 
 
 def _check_rows(rows: list[_Row], parser: _LabelParser) -> tuple[list[_Label], list[LabelProblem]]:
-    """Check ids, labels and repeated ids; return the first valid row of each id, and the problems."""
+    """Check ids, labels and repeated ids. Return the first valid row of each id, and the problems."""
     first: dict[str, _Label] = {}
     problems = []
     for row in rows:
         sample_id, id_problem = _parse_id(row.id)
         label, label_problem = parser.parse(row.label)
-        shown_id = sample_id if sample_id is not None else (None if row.id is None else str(row.id))
         if id_problem:
-            problems.append(LabelProblem(INVALID_ID, id_problem, row.row, row.line, shown_id))
+            problems.append(LabelProblem(INVALID_ID, id_problem, row.row, row.line))
         if label_problem:
-            problems.append(LabelProblem(INVALID_LABEL, label_problem, row.row, row.line, shown_id))
+            problems.append(LabelProblem(INVALID_LABEL, label_problem, row.row, row.line, sample_id))
         if sample_id is None or label is None:
             continue
 
@@ -619,13 +652,13 @@ def _check_rows(rows: list[_Row], parser: _LabelParser) -> tuple[list[_Label], l
 def _find_unknown_ids(shards: Sequence[str], ids: Sequence[str]) -> set[str]:
     """Return the ids that no shard of the pool contains.
 
-    Reads only the pool's ``id`` column, one batch of :data:`POOL_ID_BATCH_ROWS`
+    It reads only the pool's ``id`` column, one batch of :data:`POOL_ID_BATCH_ROWS`
     rows at a time, so memory stays bounded by the label file and one batch.
     """
     if not ids:
         return set()
-    wanted = pa.array(ids, pa.string())
-    found = np.zeros(len(wanted), dtype=bool)  # [file ids] seen in the pool so far
+    file_ids = pa.array(ids, pa.string())
+    found = np.zeros(len(file_ids), dtype=bool)  # [file ids] seen in the pool so far
     started = time.perf_counter()
     pool_rows = 0
     for shard in shards:
@@ -633,7 +666,7 @@ def _find_unknown_ids(shards: Sequence[str], ids: Sequence[str]) -> set[str]:
         with fs.open(path, "rb") as handle:
             for batch in pq.ParquetFile(handle).iter_batches(batch_size=POOL_ID_BATCH_ROWS, columns=["id"]):
                 pool_ids = batch.column(0).cast(pa.string())
-                found |= pc.is_in(wanted, value_set=pool_ids).to_numpy(zero_copy_only=False)
+                found |= pc.is_in(file_ids, value_set=pool_ids).to_numpy(zero_copy_only=False)
                 pool_rows += batch.num_rows
         if found.all():
             break
@@ -645,10 +678,10 @@ def _find_unknown_ids(shards: Sequence[str], ids: Sequence[str]) -> set[str]:
 
 
 def _compare_with_labeled_set(
-    run_dir: RunDirectory, labels: list[_Label], parser: _LabelParser, relabel: bool
+    run_dir: RunDirectory, label_file_names: list[str], labels: list[_Label], parser: _LabelParser, relabel: bool
 ) -> tuple[list[tuple[_Label, bool]], int, list[LabelProblem]]:
     """Split checked rows into changes (row, replaces an earlier label) and unchanged ones."""
-    existing, conflicts = _labeled_set(run_dir, None)
+    existing, conflicts = _labeled_set(run_dir, label_file_names)
     if labels and existing.num_rows:
         file_ids = pa.array([label.id for label in labels], pa.string())
         existing = existing.filter(pc.is_in(existing.column("id"), value_set=file_ids))
@@ -701,16 +734,14 @@ def _application_key(name: str) -> tuple[int, int, str] | None:
     return None
 
 
-def _labeled_set(run_dir: RunDirectory, files: Sequence[str] | None) -> tuple[pa.Table, dict[str, list[tuple[str, int]]]]:
-    """Apply label files in order; return (id, label, source, file) per id, and unsettled conflicts.
+def _labeled_set(run_dir: RunDirectory, names: list[str]) -> tuple[pa.Table, dict[str, list[tuple[str, int]]]]:
+    """Apply label files in order. Return one (id, label, source, file) row per id, and the unsettled conflicts.
 
     A conflict maps an id to the (file, label) pairs that disagree, the label in effect first.
     """
-    names = label_files(run_dir.uri) if files is None else _order_files(files)
     parts = [_read_label_file(run_dir, name) for name in names]
     if not parts:
-        empty = pa.table({"id": pa.array([], pa.string()), "label": pa.array([], pa.int64()), "source": pa.array([], pa.string()), "file": pa.array([], pa.string())})
-        return empty, {}
+        return LABELS_SCHEMA.append(pa.field("file", pa.string())).empty_table(), {}
     rows = pa.concat_tables(parts)
 
     ids = rows.column("id").combine_chunks()
@@ -766,7 +797,7 @@ def _read_label_file(run_dir: RunDirectory, name: str) -> pa.Table:
     try:
         table = read_parquet(run_dir.fs, run_dir.path(name))
     except FileNotFoundError as err:
-        raise LabelError(f"Label file {uri} not found. Label files are never deleted; restore it from a backup.") from err
+        raise LabelError(f"Label file {uri} not found. distal never deletes label files, so restore it from a backup.") from err
     except (pa.ArrowException, OSError) as err:
         raise LabelError(f"Label file {uri} is not a readable Parquet file: {err}. Restore it from a backup.") from err
 
@@ -777,7 +808,8 @@ def _read_label_file(run_dir: RunDirectory, name: str) -> pa.Table:
     try:
         labels = table.select(LABELS_SCHEMA.names).cast(LABELS_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise LabelError(f"Label file {uri}: {expected}, but got {table.schema.types[:3]}: {err}.") from err
+        found = {name: str(table.schema.field(name).type) for name in LABELS_SCHEMA.names}
+        raise LabelError(f"Label file {uri}: {expected}, but got {found}: {err}. Restore it from a backup.") from err
     if labels.column("id").null_count or labels.column("label").null_count:
         raise LabelError(f"Label file {uri} has rows with a null id or label. Restore it from a backup.")
 
@@ -788,13 +820,13 @@ def _read_label_file(run_dir: RunDirectory, name: str) -> pa.Table:
     return labels.append_column("relabel", relabel).append_column("file", pa.array([name] * table.num_rows, pa.string()))
 
 
-def _find_import(run_dir: RunDirectory, sha256: str) -> str | None:
+def _find_import(run_dir: RunDirectory, names: list[str], sha256: str) -> str | None:
     """Return the import file that recorded these bytes, or None.
 
     Import file names carry the first 12 hex digits of the hash, so only
     files with that prefix are read to compare the whole hash.
     """
-    for name in label_files(run_dir.uri):
+    for name in names:
         match = IMPORT_FILE.fullmatch(name.rpartition("/")[2])
         if match is None or match.group(2) != sha256[:12]:
             continue
@@ -811,7 +843,7 @@ def _write_import(run_dir: RunDirectory, changes: list[tuple[_Label, bool]], sou
     # against the labeled set before either writes, so both can label one
     # id. current_labels() then reports the conflict until a relabel settles it.
     if run_dir.fs.exists(path):
-        raise FileExistsError(f"Label file {run_dir.uri_of(name)} already exists; import again to get a new time stamp.")
+        raise FileExistsError(f"Label file {run_dir.uri_of(name)} already exists. Import again, which picks a new time stamp.")
     count = len(changes)
     table = pa.table(
         {
@@ -832,7 +864,7 @@ def _utc(now: datetime | None) -> datetime:
     if now is None:
         return datetime.now(timezone.utc)
     if now.tzinfo is None or now.utcoffset() is None:
-        raise ValueError(f"Expected a timezone-aware import time, but got {now!r}; pass e.g. datetime.now(timezone.utc).")
+        raise ValueError(f"Expected a timezone-aware import time, but got {now!r}. Pass, for example, datetime.now(timezone.utc).")
     return now.astimezone(timezone.utc)
 
 
@@ -846,8 +878,7 @@ def _sorted(problems: list[LabelProblem]) -> list[LabelProblem]:
 
 def _format_problems(file: str, file_format: str, problems: list[LabelProblem], pool: str, all_unknown: bool) -> str:
     problems = _sorted(problems)
-    noun = "problem" if len(problems) == 1 else "problems"
-    lines = [f"Label file {file} has {len(problems)} {noun}; nothing was imported:"]
+    lines = [f"Label file {file} has {_count(len(problems), 'problem')}; nothing was imported:"]
     lines += [f"  {problem.describe()}" for problem in problems[:MAX_LISTED_PROBLEMS]]
     rest = problems[MAX_LISTED_PROBLEMS:]
     if rest:
@@ -864,12 +895,22 @@ def _format_problems(file: str, file_format: str, problems: list[LabelProblem], 
     return "\n".join(lines)
 
 
+def _quote(value: Any, limit: int = 60) -> str:
+    """Format a value as repr(), cut to ``limit`` characters so that one bad cell cannot flood a message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _describe_conflict(pairs: list[tuple[str, int]]) -> str:
     return ", ".join(f"{label} in {file}" for file, label in pairs)
 
 
 def _format_conflicts(run_dir: RunDirectory, conflicts: dict[str, list[tuple[str, int]]]) -> str:
-    lines = [f"The label files of {run_dir.uri} disagree on {len(conflicts)} ids, and no later relabel settles them:"]
+    lines = [f"The label files of {run_dir.uri} disagree on {_count(len(conflicts), 'id')}, and no later relabel settles them:"]
     for sample_id, pairs in list(conflicts.items())[:MAX_LISTED_PROBLEMS]:
         lines.append(f"  id {sample_id!r}: {_describe_conflict(pairs)}")
     if len(conflicts) > MAX_LISTED_PROBLEMS:
