@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 import distal
 from distal import config as config_module
+from distal import failpoints
 from distal.config import Config
 from distal.datasets import keep_ids
 from distal.lease import RunLease
@@ -218,6 +219,7 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
         )
         write_parquet_atomic(run_dir.fs, run_dir.cycle_path(cycle, "skipped.parquet"), skipped_table)
         write_parquet_atomic(run_dir.fs, selected_path, selected)
+        failpoints.hit("after_select")
     timings["select_s"] = time.monotonic() - step
 
     oracle_labels = 0

@@ -4,7 +4,8 @@ The lease is the file ``_LEASE.json`` (owner, host, pid, acquisition time,
 expiry, a random token). Creating it is atomic: ``O_CREAT | O_EXCL`` on local
 disk, a conditional PUT (``If-None-Match: *``) on S3. A live lease makes a
 second job exit with a message that names the owner. An expired lease, left
-by a crashed job, is taken over: on local disk by renaming the stale file
+by a crashed job, is taken over (at once when that job ran on this host and
+its process is gone): on local disk by renaming the stale file
 away first (only one renamer wins), on S3 by a PUT conditional on the stale
 file's ETag (``If-Match``). The holder renews the lease from a background
 thread well before it expires.
@@ -49,6 +50,21 @@ class LeaseRecord:
     def describe(self) -> str:
         expires = datetime.fromtimestamp(self.expires_at, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         return f"owner={self.owner} host={self.host} pid={self.pid} acquired_at={self.acquired_at} expires_at={expires}"
+
+
+def _is_stale(lease: LeaseRecord) -> bool:
+    """A lease is stale once expired, or at once when its owner ran on this host and has exited."""
+    if lease.expires_at <= time.time():
+        return True
+    if lease.host != socket.gethostname():
+        return False
+    try:
+        os.kill(lease.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _utc_now() -> str:
@@ -104,7 +120,7 @@ class RunLease:
         self.run.fs.makedirs(self.run.root, exist_ok=True)
         if not self._create():
             current, version = self.read()
-            if current is not None and current.expires_at > time.time():
+            if current is not None and not _is_stale(current):
                 raise LeaseHeldError(
                     f"Run directory {self.run.uri} is in use by another job ({current.describe()}). "
                     "Wait for it to finish; a crashed job's lease expires by itself and is then taken over."

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from distal import failpoints
 from distal.config import ScoreConfig
 from distal.datasets import decode_rows, drop_ids, keep_ids, read_pool
 from distal.pool import PoolInfo, open_fs
@@ -258,6 +259,7 @@ def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_ur
             received[name] += part.num_rows
             if received[name] == expected[name]:
                 _write_score_file(run, scores_dir, name, pa.concat_tables(pending.pop(name)))
+                failpoints.hit("after_score_file")
         progress.update(table.num_rows - skipped, skipped=skipped)
     progress.finish()
     unfinished = {name: (received[name], expected[name]) for name in pending}

@@ -63,3 +63,20 @@ def test_lost_lease_is_noticed(run_dir):
         run_dir.fs.pipe_file(run_dir.path(LEASE_FILE), json.dumps(taken).encode())
         lease.renew()
         assert lease.lost
+
+
+def test_lease_of_exited_local_process_is_stale(run_dir):
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead_pid = int(finished.stdout)
+    with RunLease(run_dir, owner="crashed") as lease:
+        record = json.loads(run_dir.fs.cat_file(run_dir.path(LEASE_FILE)))
+        record["pid"] = dead_pid
+        record["token"] = "crashed-token"
+        run_dir.fs.pipe_file(run_dir.path(LEASE_FILE), json.dumps(record).encode())
+        lease.token = "released-elsewhere"
+    with RunLease(run_dir, owner="next") as lease:
+        current, _ = lease.read()
+        assert current.owner == "next"
