@@ -8,9 +8,9 @@ idempotent:
   the run directory URI and the night's date in UTC. ``ray job submit
   --submission-id`` rejects an id that the cluster already ran, and a
   Kubernetes RayJob named with it cannot be created twice in a namespace;
-- the cycle target: night 1 (``start``) asks for 1 cycle, night n for n
-  cycles. ``cycles: N`` means the run directory holds cycles 1 to N when the
-  job ends, so a rerun of the same night finds its cycle complete and does
+- the cycle target: 1 cycle on night 1 (``start``), n cycles on night n.
+  ``cycles: N`` means the run directory contains cycles 1 to N when the job
+  ends, so a rerun of the same night finds its cycle complete and does
   nothing, and a missed night is caught up by the next one.
 
 Usage::
@@ -35,8 +35,8 @@ import yaml
 
 # KubeRay names the RayCluster, its head service and pods after the RayJob,
 # so the RayJob name (the submission id) must leave room for their suffixes.
-# NOTE: 47 is the limit KubeRay's RayJob validation applied when this was
-# written; a longer id may be accepted by Ray but rejected by the operator.
+# NOTE: 47 is the limit of KubeRay's RayJob validation as read for KubeRay
+# 1.6, not checked against a running operator. Ray itself accepts longer ids.
 MAX_SUBMISSION_ID_LENGTH = 47
 
 
@@ -58,7 +58,10 @@ def run_name(run_dir: str) -> str:
     last = run_dir.rstrip("/").rsplit("/", 1)[-1]
     name = re.sub(r"[^a-z0-9]+", "-", last.lower()).strip("-")
     if not name:
-        raise SubmissionError(f"Cannot name a run after run_dir={run_dir!r}: its last part has no letters or digits.")
+        raise SubmissionError(
+            f"Invalid run_dir={run_dir!r} for a submission id: its last part has no letters or digits. "
+            "Name the run directory, for example s3://bucket/runs/nightly."
+        )
     return name
 
 
