@@ -158,23 +158,22 @@ def eval_dataset(info: PoolInfo):
 
 
 def _decode_and_split(dataset, channels: int, size: tuple[int, int]):
-    import ray.data
     from ray.data.expressions import col
 
     # Keep block order fixed, so the same labels give the same batches and a
-    # rerun or a resume trains the same model.
-    options = ray.data.DataContext.get_current().execution_options
-    preserve_order, options.preserve_order = options.preserve_order, True
-    try:
-        decoded = dataset.map_batches(
-            decode_rows, batch_format="pyarrow", fn_kwargs={"channels": channels, "image_size": size}
-        ).materialize()
-        skipped_rows = decoded.filter(expr=col("skip_reason") != "").select_columns(["id", "skip_reason"]).take_all()
-        good = decoded.filter(expr=col("skip_reason") == "").select_columns(["image", "label"]).materialize()
-    finally:
-        options.preserve_order = preserve_order
+    # rerun or a resume trains the same model. A dataset carries its own copy
+    # of the Ray Data context, so the option is set on each one.
+    decoded = _ordered(dataset.map_batches(decode_rows, batch_format="pyarrow", fn_kwargs={"channels": channels, "image_size": size}))
+    decoded = decoded.materialize()
+    skipped_rows = _ordered(decoded.filter(expr=col("skip_reason") != "").select_columns(["id", "skip_reason"])).take_all()
+    good = _ordered(decoded.filter(expr=col("skip_reason") == "").select_columns(["image", "label"])).materialize()
     skipped = sorted((row["id"], row["skip_reason"]) for row in skipped_rows)
     return good, skipped
+
+
+def _ordered(dataset):
+    dataset.context.execution_options.preserve_order = True
+    return dataset
 
 
 def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo | None, storage_uri: str, name: str, seed: int) -> TrainResult:
@@ -235,7 +234,7 @@ def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo 
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split="all"),
+        dataset_config=ray.train.DataConfig(datasets_to_split="all", execution_options=_ingest_options()),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -243,6 +242,15 @@ def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo 
     checkpoint_uri = _checkpoint_uri(result.checkpoint, storage_uri, storage_path)
     metrics = {key: float(value) for key, value in result.metrics.items() if isinstance(value, (int, float))}
     return TrainResult(checkpoint_uri, metrics, labeled_used, skipped, time.monotonic() - start)
+
+
+def _ingest_options():
+    """Return Ray Train's ingest options with block order preserved, for reproducible batches."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _storage(storage_uri: str):
