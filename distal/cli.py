@@ -104,6 +104,44 @@ def run_pool_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_labels_import(args: argparse.Namespace) -> int:
+    import yaml
+
+    from distal import config as config_module
+    from distal.labels import import_labels
+    from distal.rundir import RunDirectory
+
+    pool = args.pool
+    if pool is None:
+        run = RunDirectory(args.run_dir)
+        saved = run.path("config.yaml")
+        if not run.fs.exists(saved):
+            print(
+                f"distal: error: {args.run_dir} has no config.yaml to read the pool from; pass --pool URI.",
+                file=sys.stderr,
+            )
+            return 2
+        with run.fs.open(saved, "r") as handle:
+            pool = config_module.from_dict(yaml.safe_load(handle), source=saved).pool.path
+    result = import_labels(args.run_dir, args.file, pool_uri=pool, relabel=args.relabel)
+    if result.already_imported:
+        print(f"{args.file} was imported before (sha256 {result.sha256[:12]}); nothing changed.")
+    else:
+        print(
+            f"Imported {args.file}: {result.added} new labels, {result.relabeled} relabeled, "
+            f"{result.unchanged} unchanged, into {result.label_file or 'no new file'}."
+        )
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from distal.rundir import RunDirectory
+    from distal.status import format_status
+
+    print(format_status(RunDirectory(args.run_dir)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distal", description="Distributed active learning with a loss prediction module.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     cycle = commands.add_parser("cycle", help="run active-learning cycles: train, score, select")
     add_cycle_arguments(cycle)
     cycle.set_defaults(handler=run_cycle_command)
+
+    labels = commands.add_parser("labels", help="label tools")
+    label_commands = labels.add_subparsers(dest="labels_command", required=True)
+    label_import = label_commands.add_parser(
+        "import", help="add labels from people to a run directory (CSV, JSON Lines or Parquet with id and label)"
+    )
+    label_import.add_argument("run_dir", help="run directory URI")
+    label_import.add_argument("file", help="label file: .csv, .jsonl or .parquet with columns id and label")
+    label_import.add_argument("--pool", help="pool URI whose ids and classes the labels must match; default: the run's config.yaml")
+    label_import.add_argument("--relabel", action="store_true", help="allow labels that replace an id's existing label")
+    label_import.set_defaults(handler=run_labels_import)
+
+    status = commands.add_parser("status", help="show every cycle of a run directory")
+    status.add_argument("run_dir", help="run directory URI")
+    status.set_defaults(handler=run_status)
 
     pool = commands.add_parser("pool", help="pool tools")
     pool_commands = pool.add_subparsers(dest="pool_command", required=True)
@@ -157,6 +210,7 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
     from distal.config import ConfigError
     from distal.cycle import CycleError
     from distal.images import ImageDecodeError
+    from distal.labels import LabelError
     from distal.lease import LeaseHeldError
     from distal.pool import PoolError
     from distal.score import ScoringError
@@ -166,7 +220,7 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
     except LeaseHeldError as err:
         print(f"distal: error: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, CycleError, PoolError, ImageDecodeError, ScoringError) as err:
+    except (ConfigError, CycleError, PoolError, ImageDecodeError, ScoringError, LabelError) as err:
         print(f"distal: error: {err}", file=sys.stderr)
         return 1
 

@@ -134,13 +134,32 @@ class SelectConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    """When a cycle may start outside simulation.
+
+    Attributes:
+        wait: before a new cycle, require labels for the previous cycle's
+            selection: ``all`` of them, at least ``min_fraction`` of them
+            (``fraction``), or none (``proceed``). A job that must wait exits
+            0 and says so, so a nightly scheduler can simply try again.
+        min_fraction: the share of the selection that must be labeled when
+            wait is ``fraction``.
+    """
+
+    wait: str = "all"
+    min_fraction: float = 0.9
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run: where it lives, how many cycles, and every stage's settings.
 
     Attributes:
         run_dir: URI of the run directory that holds labels and cycles.
         seed: run seed; per-cycle seeds derive from it and the cycle number.
-        cycles: cycles to run in this job.
+        cycles: the run directory should hold cycles 1..cycles when the job
+            ends; null runs one new cycle after the last complete one (or
+            finishes an interrupted one), as a nightly job does.
         initial_labels: size of the seeded random initial labeled set, drawn
             when the run directory has no labels yet (simulation only).
         oracle: simulation mode: labels of selected images come from the
@@ -153,7 +172,7 @@ class Config:
 
     run_dir: str = "runs/mnist-demo"
     seed: int = 0
-    cycles: int = 1
+    cycles: int | None = 1
     initial_labels: int = 1_000
     oracle: bool = False
     ray_address: str | None = None
@@ -163,6 +182,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -175,7 +195,9 @@ def validate(config: Config) -> None:
         ConfigError: on the first invalid value, naming its key.
     """
     train = config.train
-    _require(config.cycles >= 1, "cycles", config.cycles, "an integer >= 1")
+    _require(config.cycles is None or config.cycles >= 1, "cycles", config.cycles, "an integer >= 1, or null for one new cycle")
+    _require(config.labels.wait in ("all", "fraction", "proceed"), "labels.wait", config.labels.wait, "one of all, fraction, proceed")
+    _require(0.0 <= config.labels.min_fraction <= 1.0, "labels.min_fraction", config.labels.min_fraction, "a fraction between 0 and 1")
     _require(config.lease_ttl_s >= 10, "lease_ttl_s", config.lease_ttl_s, "a number of seconds >= 10")
     _require(config.initial_labels >= 0, "initial_labels", config.initial_labels, "an integer >= 0")
     _require(train.epochs >= 1, "train.epochs", train.epochs, "an integer >= 1")

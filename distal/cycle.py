@@ -25,6 +25,7 @@ from distal import config as config_module
 from distal import failpoints
 from distal.config import Config
 from distal.datasets import keep_ids
+from distal.labels import INITIAL_FILE, LABELS_SCHEMA, current_labels, label_files, pending_labels
 from distal.lease import RunLease
 from distal.pool import PoolInfo, open_fs, validate_pool
 from distal.rundir import RunDirectory, read_json, read_parquet, write_bytes_atomic, write_json_atomic, write_parquet_atomic
@@ -34,8 +35,7 @@ from distal.train import publish_model, train
 
 log = logging.getLogger(__name__)
 
-LABELS_SCHEMA = pa.schema([("id", pa.string()), ("label", pa.int64()), ("source", pa.string())])
-INITIAL_LABELS = "initial.parquet"
+INITIAL_LABELS = INITIAL_FILE
 START_FILE = "start.json"
 TRAIN_RECORD = "train.json"
 MODEL_FILE = "model.pt"
@@ -71,8 +71,9 @@ def run(config: Config) -> list[CycleRecord]:
         write_bytes_atomic(run_dir.fs, run_dir.path("config.yaml"), config_module.dump_yaml(config).encode())
         log.info("stage=start run_dir=%s pool=%s pool_rows=%d cycles=%d", config.run_dir, config.pool.path, pool.num_rows, config.cycles)
         _ensure_initial_labels(config, pool, run_dir)
+        last = _last_cycle_to_run(config, run_dir)
         records = []
-        for cycle in range(1, config.cycles + 1):
+        for cycle in range(1, last + 1):
             if run_dir.is_complete(cycle):
                 manifest = read_json(run_dir.fs, run_dir.cycle_path(cycle, "manifest.json"))
                 log.info("stage=cycle cycle=%d state=complete action=skip", cycle)
@@ -82,6 +83,42 @@ def run(config: Config) -> list[CycleRecord]:
             records.append(CycleRecord(cycle, manifest))
     print(format_summary(records), flush=True)
     return records
+
+
+def _last_cycle_to_run(config: Config, run_dir: RunDirectory) -> int:
+    """Return the last cycle this job runs; new cycles stop where labels are still missing."""
+    last_complete = max(run_dir.completed_cycles(), default=0)
+    target = config.cycles if config.cycles is not None else last_complete + 1
+    for cycle in range(last_complete + 1, target + 1):
+        if cycle == 1 or config.oracle or run_dir.fs.exists(run_dir.cycle_path(cycle, START_FILE)):
+            continue
+        if cycle > last_complete + 1:
+            # The previous selection is made by this very job, so people cannot have labeled it yet.
+            return cycle - 1
+        if not _labels_ready(config, run_dir, cycle - 1):
+            return cycle - 1
+    return target
+
+
+def _labels_ready(config: Config, run_dir: RunDirectory, previous: int) -> bool:
+    """Apply the waiting policy to the labels of the previous cycle's selection."""
+    if config.labels.wait == "proceed":
+        return True
+    selected, labeled = pending_labels(run_dir.uri, previous)
+    needed = selected if config.labels.wait == "all" else int(np.ceil(config.labels.min_fraction * selected))
+    ready = labeled >= needed
+    log.info(
+        "stage=labels cycle=%d waits_for=cycle-%d labeled=%d/%d needed=%d policy=%s ready=%s",
+        previous + 1, previous, labeled, selected, needed, config.labels.wait, ready,
+    )
+    if not ready:
+        print(
+            f"Nothing to do: cycle {previous + 1} waits for labels of cycle {previous}'s selection "
+            f"({labeled} of {selected} labeled, {needed} needed under labels.wait={config.labels.wait}). "
+            f"Import them with: distal labels import {config.run_dir} FILE",
+            flush=True,
+        )
+    return ready
 
 
 def _check_lease(lease: RunLease, cycle: int) -> None:
@@ -96,31 +133,10 @@ def labeled_set(run_dir: RunDirectory, cycle: int) -> pa.Table:
     """Return the labels a cycle starts from (as recorded in its ``start.json`` once it has started)."""
     start_path = run_dir.cycle_path(cycle, START_FILE)
     if run_dir.fs.exists(start_path):
-        return labels_from_files(run_dir, read_json(run_dir.fs, start_path)["label_files"])
-    return labels_from_files(run_dir, _label_files_for(cycle))
-
-
-def _label_files_for(cycle: int) -> list[str]:
-    """Return the label files (relative to the run directory) a new cycle starts from."""
-    return [f"labels/{INITIAL_LABELS}"] + [f"labels/cycle-{earlier:04d}.parquet" for earlier in range(1, cycle)]
-
-
-def labels_from_files(run_dir: RunDirectory, label_files: list[str]) -> pa.Table:
-    """Read and concatenate label files given relative to the run directory."""
-    tables = []
-    for relative in label_files:
-        path = run_dir.path(relative)
-        if not run_dir.fs.exists(path):
-            raise CycleError(
-                f"Labels file {path} is missing, so the labeled set is unknown. "
-                "Rerun the earlier cycles (they are redone when incomplete) or restore the file."
-            )
-        tables.append(read_parquet(run_dir.fs, path).select(LABELS_SCHEMA.names).cast(LABELS_SCHEMA))
-    labels = pa.concat_tables(tables)
-    unique = pc.unique(labels.column("id"))
-    if len(unique) != labels.num_rows:
-        raise CycleError(f"The label files {label_files} in {run_dir.uri} list an id twice; a label file was written twice.")
-    return labels
+        files = read_json(run_dir.fs, start_path)["label_files"]
+    else:
+        files = label_files(run_dir.uri, before_cycle=cycle)
+    return current_labels(run_dir.uri, files=files)
 
 
 def _start_cycle(config: Config, run_dir: RunDirectory, cycle: int) -> dict[str, Any]:
@@ -143,7 +159,7 @@ def _start_cycle(config: Config, run_dir: RunDirectory, cycle: int) -> dict[str,
         "cycle": cycle,
         "seed": cycle_seed(config.seed, cycle),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "label_files": _label_files_for(cycle),
+        "label_files": label_files(run_dir.uri, before_cycle=cycle),
         "config": resolved,
     }
     write_json_atomic(run_dir.fs, path, start)
@@ -188,7 +204,9 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
     start = _start_cycle(config, run_dir, cycle)
     seed = start["seed"]
     timings: dict[str, float] = {}
-    labels = labels_from_files(run_dir, start["label_files"])
+    labels = current_labels(run_dir.uri, files=start["label_files"])
+    if labels.num_rows == 0:
+        raise CycleError(f"Cycle {cycle} has no labeled images. Import labels with: distal labels import {config.run_dir} FILE")
     labeled_ids = labels.column("id").combine_chunks()
     log.info("stage=cycle cycle=%d state=%s labeled=%d seed=%d", cycle, start["state"], labels.num_rows, seed)
 
@@ -243,6 +261,7 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
             "pool_rows": candidates.pool_rows,
             "labeled": labels.num_rows,
             "labeled_in_pool": candidates.labeled_in_pool,
+            "labeled_missing_from_pool": labels.num_rows - candidates.labeled_in_pool,
             "labeled_trained": trained["labeled_used"],
             "labeled_skipped": len(trained["skipped"]),
             "unlabeled": candidates.unlabeled,
@@ -293,9 +312,12 @@ def _ensure_initial_labels(config: Config, pool: PoolInfo, run_dir: RunDirectory
     if run_dir.fs.exists(path):
         return
     if not config.oracle:
+        if label_files(run_dir.uri):
+            return
         raise CycleError(
-            f"The run directory {config.run_dir} has no labels ({path} is missing). "
-            "Run with oracle=true to draw a seeded initial labeled set from the pool's label column."
+            f"The run directory {config.run_dir} has no labels yet. Import the initial labels with "
+            f"'distal labels import {config.run_dir} FILE', or run with oracle=true to draw a seeded "
+            "initial labeled set from the pool's label column (simulation)."
         )
     if config.initial_labels < 2:
         raise CycleError(f"initial_labels={config.initial_labels}: training needs at least 2 labeled images.")
