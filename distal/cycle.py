@@ -2,7 +2,7 @@
 
 A run directory holds cycles ``1..config.cycles``. Running the job again is
 safe: completed cycles (those with a completion marker) are left untouched
-and reported, and an incomplete cycle is deleted and redone from its start.
+and reported, and an incomplete cycle resumes from its last finished step.
 """
 
 from __future__ import annotations

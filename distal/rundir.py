@@ -3,14 +3,18 @@
 Layout under the run directory URI (local path or ``s3://...``)::
 
     config.yaml                  resolved configuration of the latest job
-    labels/initial.parquet       seeded initial labeled set (simulation)
-    labels/cycle-0001.parquet    oracle labels of cycle 1's selection
+    _LEASE.json                  present while a job writes the run directory
+    labels/                      append-only label files (see distal.labels)
     cycles/0001/
         config.yaml              resolved configuration of this cycle
+        start.json               seed and label files the cycle started from
         train/                   Ray Train storage: checkpoints of both modules
-        scores/part-*.parquet    id, predicted_loss, skip_reason, shard
+        train.json               training finished: metrics, images used
+        model.pt                 the trained modules, loaded by scoring
+        scores/<shard>.parquet   one per pool shard: id, predicted_loss, ...
         scores/_SUCCESS          written once every score file is complete
         selected.parquet         rank, id, predicted_loss (highest first)
+        skipped.parquet          undecodable images: id, shard, reason
         manifest.json            the record of the cycle
         _COMPLETE                written last; a cycle with it is never redone
 
