@@ -69,7 +69,7 @@ def run(config: Config) -> list[CycleRecord]:
     run_dir = RunDirectory(config.run_dir)
     with RunLease(run_dir, ttl_s=config.lease_ttl_s) as lease:
         write_bytes_atomic(run_dir.fs, run_dir.path("config.yaml"), config_module.dump_yaml(config).encode())
-        log.info("stage=start run_dir=%s pool=%s pool_rows=%d cycles=%d", config.run_dir, config.pool.path, pool.num_rows, config.cycles)
+        log.info("stage=start run_dir=%s pool=%s pool_rows=%d cycles=%s", config.run_dir, config.pool.path, pool.num_rows, config.cycles)
         _ensure_initial_labels(config, pool, run_dir)
         last = _last_cycle_to_run(config, run_dir)
         records = []

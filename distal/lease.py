@@ -53,7 +53,7 @@ class LeaseRecord:
 
 
 def _is_stale(lease: LeaseRecord) -> bool:
-    """A lease is stale once expired, or at once when its owner ran on this host and has exited."""
+    """Return whether the lease has expired, or its owner ran on this host and has exited."""
     if lease.expires_at <= time.time():
         return True
     if lease.host != socket.gethostname():
