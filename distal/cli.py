@@ -45,7 +45,7 @@ def cycle_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_cycle_command(args: argparse.Namespace) -> int:
     from distal import config as config_module
-    from distal.cycle import init_ray, run
+    from distal.cycle import run
 
     try:
         config = config_module.load(args.config, cycle_overrides(args))
@@ -53,7 +53,6 @@ def run_cycle_command(args: argparse.Namespace) -> int:
         print(f"distal: error: {err}", file=sys.stderr)
         return 2
     _warn_relative_paths(config)
-    init_ray(config.ray_address)
     run(config)
     return 0
 
@@ -146,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distal", description="Distributed active learning with a loss prediction module.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    cycle = commands.add_parser("cycle", help="run active-learning cycles: train, score, select")
+    cycle = commands.add_parser(
+        "cycle",
+        help="run active-learning cycles: train, score, select",
+        description="Run the cycles of a run directory: train, score, select, write the manifest.",
+    )
     add_cycle_arguments(cycle)
     cycle.set_defaults(handler=run_cycle_command)
 
@@ -186,9 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (idx, folder, tv):
         sub.add_argument("--out", required=True, help="pool URI to write (local path or s3://...)")
         sub.add_argument("--eval-out", help="URI of the held-out evaluation set split off the same images")
-        sub.add_argument("--eval-size", type=int, default=0, help="images put into --eval-out by a seeded random split")
-        sub.add_argument("--seed", type=int, default=0, help="seed of the evaluation split")
-        sub.add_argument("--rows-per-shard", type=int, default=1000, help="rows per shard file")
+        sub.add_argument("--eval-size", type=int, default=0, help="images put into --eval-out by a seeded random split (default: 0)")
+        sub.add_argument("--seed", type=int, default=0, help="seed of the evaluation split (default: 0)")
+        sub.add_argument("--rows-per-shard", type=int, default=1000, help="rows per shard file (default: 1000)")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing complete pool")
         sub.add_argument(
             "--if-missing",

@@ -282,7 +282,10 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
         if not sep or not key:
             raise ConfigError(f"Invalid override {item!r}: expected KEY=VALUE, for example train.epochs=5.")
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
-    return from_dict(data, source=path or "defaults")
+    source = path or "defaults"
+    if overrides:
+        source += " with overrides " + " ".join(overrides)
+    return from_dict(data, source=source)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

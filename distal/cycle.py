@@ -66,6 +66,8 @@ def run(config: Config) -> list[CycleRecord]:
     """Run every cycle of the run directory that is not complete yet; return all cycles' records."""
     pool = validate_pool(config.pool.path, require_label=config.oracle)
     eval_pool = validate_pool(config.pool.eval_path, require_label=True) if config.pool.eval_path else None
+    _warn_schedule(config)
+    init_ray(config.ray_address)
     run_dir = RunDirectory(config.run_dir)
     with RunLease(run_dir, ttl_s=config.lease_ttl_s) as lease:
         write_bytes_atomic(run_dir.fs, run_dir.path("config.yaml"), config_module.dump_yaml(config).encode())
@@ -77,12 +79,51 @@ def run(config: Config) -> list[CycleRecord]:
             if run_dir.is_complete(cycle):
                 manifest = read_json(run_dir.fs, run_dir.cycle_path(cycle, "manifest.json"))
                 log.info("stage=cycle cycle=%d state=complete action=skip", cycle)
+                _warn_settings_differ(config, manifest, cycle)
             else:
                 _check_lease(lease, cycle)
                 manifest = run_cycle(config, pool, eval_pool, run_dir, cycle)
             records.append(CycleRecord(cycle, manifest))
     print(format_summary(records), flush=True)
     return records
+
+
+def _warn_schedule(config: Config) -> None:
+    """Warn about schedule settings that silently never take effect."""
+    train_config = config.train
+    late = [epoch for epoch in train_config.milestones if epoch >= train_config.epochs]
+    if late:
+        log.warning(
+            "train.milestones=%s include epochs >= train.epochs=%d: the learning rate never drops there. "
+            "Scale the milestones with the epochs.", list(train_config.milestones), train_config.epochs,
+        )
+    if train_config.gradient_stop_epoch >= train_config.epochs:
+        log.warning(
+            "train.gradient_stop_epoch=%d >= train.epochs=%d: the loss module keeps moving the backbone in every "
+            "epoch. The paper stops it after 60%% of the epochs.", train_config.gradient_stop_epoch, train_config.epochs,
+        )
+
+
+def _warn_settings_differ(config: Config, manifest: dict[str, Any], cycle: int) -> None:
+    before = _cycle_settings(manifest["config"])
+    now = _cycle_settings(config_module.to_dict(config))
+    changed = sorted(_changed_keys(before, now))
+    if changed:
+        log.warning(
+            "stage=cycle cycle=%d ran with other settings (%s); completed cycles are kept as they are. "
+            "Use a new run_dir to run with the new settings.", cycle, ", ".join(changed),
+        )
+
+
+def _changed_keys(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(before) | set(now)):
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            keys += _changed_keys(old, new, f"{prefix}{key}.")
+        elif old != new:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _last_cycle_to_run(config: Config, run_dir: RunDirectory) -> int:
@@ -392,10 +433,14 @@ def init_ray(address: str | None) -> None:
     if not ray.is_initialized():
         if address is None and not os.environ.get("RAY_ADDRESS"):
             log.info("stage=start ray=local")
-            # The dashboard (on 127.0.0.1) also serves the state API that Ray
-            # Train's placement-group cleaner polls; without it that actor logs
-            # a warning every few seconds.
-            ray.init()
+            # Workers inherit this environment: Ray Data's per-dataset INFO
+            # lines in them would bury distal's own progress lines.
+            os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+            # "local" starts a new Ray even when a `ray start` cluster runs on
+            # this machine, which plain ray.init() would join. The dashboard
+            # (on 127.0.0.1) also serves the state API that Ray Train's
+            # placement-group cleaner polls.
+            ray.init(address="local")
         else:
             ray.init(address=address)
     context = ray.data.DataContext.get_current()

@@ -240,7 +240,7 @@ def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo 
     if result.checkpoint is None:
         raise RuntimeError(f"Training run {name} in {storage_uri} ended without a checkpoint; see the worker logs above.")
     checkpoint_uri = _checkpoint_uri(result.checkpoint, storage_uri, storage_path)
-    metrics = {key: float(value) for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    metrics = {key: value if isinstance(value, int) else float(value) for key, value in result.metrics.items() if isinstance(value, (int, float))}
     return TrainResult(checkpoint_uri, metrics, labeled_used, skipped, time.monotonic() - start)
 
 
@@ -285,6 +285,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model_config = ModelConfig(**loop_config["model"])
     spec_data = loop_config["spec"]
     spec = TaskSpec(spec_data["num_classes"], spec_data["in_channels"], tuple(spec_data["image_size"]))
+    _quiet_train_reports()
     context = ray.train.get_context()
     rank = context.get_world_rank()
     world = context.get_world_size()
@@ -358,6 +359,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
+def _quiet_train_reports() -> None:
+    """Silence Ray Train's per-report INFO line in this worker; distal logs each epoch itself."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # Another Ray version: its logs stay as they are.
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def _restore(checkpoint, model, optimizer, scheduler) -> int:
     """Load a mid-training checkpoint into the modules and return the epoch to start from (0 without one)."""
     if checkpoint is None:
@@ -396,4 +406,4 @@ def _evaluate(learner, task, eval_shard, device, world: int) -> dict[str, float]
         totals += torch.tensor([correct, count], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(totals)
-    return {"eval_accuracy": totals[0].item() / max(totals[1].item(), 1.0), "eval_samples": totals[1].item()}
+    return {"eval_accuracy": totals[0].item() / max(totals[1].item(), 1.0), "eval_samples": int(totals[1].item())}
