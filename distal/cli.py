@@ -133,6 +133,32 @@ def run_labels_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from distal.export import export_selection
+
+    written = export_selection(
+        args.run_dir,
+        args.cycle,
+        out_dir=args.out_dir,
+        image_uri_base=args.image_uri_base,
+        embed_images=args.embed_images,
+        pool_uri=args.pool,
+    )
+    for kind, uri in written.items():
+        print(f"{kind}: {uri}")
+    return 0
+
+
+def run_from_label_studio(args: argparse.Namespace) -> int:
+    from distal.export import labels_from_label_studio
+    from distal.pool import read_pool_info
+
+    classes = read_pool_info(args.pool).classes if args.pool else None
+    result = labels_from_label_studio(args.export_json, args.out_csv, classes, from_name=args.from_name)
+    print(f"Wrote {args.out_csv}: {result.labeled} labeled of {result.tasks} tasks ({result.unlabeled} without a label).")
+    return 0
+
+
 def run_status(args: argparse.Namespace) -> int:
     from distal.rundir import RunDirectory
     from distal.status import format_status
@@ -163,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     label_import.add_argument("--pool", help="pool URI whose ids and classes the labels must match; default: the run's config.yaml")
     label_import.add_argument("--relabel", action="store_true", help="allow labels that replace an id's existing label")
     label_import.set_defaults(handler=run_labels_import)
+
+    from_studio = label_commands.add_parser(
+        "from-label-studio", help="turn a Label Studio JSON export into a CSV that distal labels import reads"
+    )
+    from_studio.add_argument("export_json", help="Label Studio export (JSON)")
+    from_studio.add_argument("out_csv", help="CSV to write, with columns id and label")
+    from_studio.add_argument("--pool", help="pool URI whose class names map to class indexes; without it labels stay class names")
+    from_studio.add_argument("--from-name", help="name of the Choices control to read when the project has several")
+    from_studio.set_defaults(handler=run_from_label_studio)
+
+    export = commands.add_parser(
+        "export", help="write a completed cycle's selection as CSV, JSON Lines and Label Studio tasks for labeling"
+    )
+    export.add_argument("run_dir", help="run directory URI")
+    export.add_argument("cycle", type=int, help="completed cycle number")
+    export.add_argument("--out-dir", help="folder for the files; default: RUN_DIR/cycles/NNNN/export/")
+    export.add_argument(
+        "--image-uri-base",
+        help="prefix of image URIs in your own image store (distal does not upload images); image_uri = PREFIX + id + extension",
+    )
+    export.add_argument("--embed-images", action="store_true", help="put the images into label-studio.json as data URIs even with --image-uri-base")
+    export.add_argument("--pool", help="pool URI when it moved since the cycle; default: the pool in the cycle's manifest.json")
+    export.set_defaults(handler=run_export)
 
     status = commands.add_parser("status", help="show every cycle of a run directory")
     status.add_argument("run_dir", help="run directory URI")
@@ -212,6 +261,7 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
     """Run the chosen command; known user errors print one clear line instead of a traceback."""
     from distal.config import ConfigError
     from distal.cycle import CycleError
+    from distal.export import ExportError, LabelStudioExportError
     from distal.images import ImageDecodeError
     from distal.labels import LabelError
     from distal.lease import LeaseHeldError
@@ -223,7 +273,7 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
     except LeaseHeldError as err:
         print(f"distal: error: {err}", file=sys.stderr)
         return 3
-    except (ConfigError, CycleError, PoolError, ImageDecodeError, ScoringError, LabelError) as err:
+    except (ConfigError, CycleError, PoolError, ImageDecodeError, ScoringError, LabelError, ExportError, LabelStudioExportError) as err:
         print(f"distal: error: {err}", file=sys.stderr)
         return 1
 

@@ -273,7 +273,7 @@ def _read_pool(run_dir: RunDirectory, cycle: int, pool_uri: str | None) -> PoolI
     except PoolError as err:
         raise ExportError(
             f"Cycle {cycle} scored the pool {recorded} (recorded in {manifest_uri}), but it cannot be read: {err} "
-            "A relative path is resolved from the current folder; pass pool_uri when the pool has moved."
+            "A relative path is resolved from the current folder; pass --pool (pool_uri in Python) when the pool has moved."
         ) from err
 
 

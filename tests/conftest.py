@@ -40,7 +40,9 @@ def mnist_arrays(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def write_mnist_pool(path: Path | str, count: int, offset: int = 0, rows_per_shard: int = 100, prefix: str = "mnist"):
+def write_mnist_pool(
+    path: Path | str, count: int, offset: int = 0, rows_per_shard: int = 100, prefix: str = "mnist", overwrite: bool = False
+):
     """Write a pool of ``count`` real MNIST images as PNG, ``rows_per_shard`` rows per shard."""
     from distal.images import encode_png
     from distal.pool import write_pool
@@ -61,6 +63,7 @@ def write_mnist_pool(path: Path | str, count: int, offset: int = 0, rows_per_sha
         classes=[str(digit) for digit in range(10)],
         source="MNIST test set (tests)",
         rows_per_shard=rows_per_shard,
+        overwrite=overwrite,
     )
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import mnist_arrays
+from conftest import mnist_arrays, write_mnist_pool
 from distal import config as config_module
 from distal import cycle as cycle_module
+from distal.rundir import RunDirectory
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -110,3 +111,32 @@ def test_fraction_policy_starts_with_most_labels(ray_cluster, mnist_pools, tmp_p
     more = write_labels_csv(tmp_path / "more.csv", selected[5:12])
     assert distal_cli("labels", "import", str(run_dir), str(more)).returncode == 0
     assert [record.cycle for record in cycle_module.run(config)] == [1, 2]
+
+
+def test_pool_changes_between_nights(ray_cluster, tmp_path):
+    eval_pool = write_mnist_pool(tmp_path / "eval", 100, offset=900, prefix="eval")
+    pool = write_mnist_pool(tmp_path / "pool", 400, offset=0, rows_per_shard=100)
+    run_dir = tmp_path / "run"
+    overrides = {
+        **config_module.to_dict(nightly_config(run_dir, pool, eval_pool)),
+        "oracle": True,
+        "initial_labels": 40,
+        "score": {"subset_size": None, "batch_size": 64},
+    }
+    night_one = config_module.from_dict({**overrides, "cycles": 1})
+    cycle_module.run(night_one)
+    labeled_before = set(cycle_module.labeled_set(RunDirectory(str(run_dir)), 2).column("id").to_pylist())
+
+    # Overnight the pool lost ids mnist-00000..00099 and gained mnist-00400..00599 in new shards.
+    write_mnist_pool(tmp_path / "pool", 500, offset=100, rows_per_shard=100, overwrite=True)
+    night_two = cycle_module.run(config_module.from_dict({**overrides, "cycles": 2}))[1].manifest
+
+    gone = {sample_id for sample_id in labeled_before if int(sample_id.split("-")[1]) < 100}
+    assert night_two["counts"]["pool_rows"] == 500
+    assert night_two["counts"]["labeled_missing_from_pool"] == len(gone)
+    assert night_two["counts"]["candidates"] == 500 - (len(labeled_before) - len(gone))
+    scored = set()
+    for path in (run_dir / "cycles" / "0002" / "scores").glob("*.parquet"):
+        scored |= set(pq.read_table(path, columns=["id"]).column("id").to_pylist())
+    assert {f"mnist-{i:05d}" for i in range(400, 600)} <= scored
+    assert not {sample_id for sample_id in scored if int(sample_id.split("-")[1]) < 100}
