@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,6 @@ from distal.train import publish_model, train
 
 log = logging.getLogger(__name__)
 
-INITIAL_LABELS = INITIAL_FILE
 START_FILE = "start.json"
 TRAIN_RECORD = "train.json"
 MODEL_FILE = "model.pt"
@@ -287,7 +287,7 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
         write_parquet_atomic(run_dir.fs, run_dir.path("labels", f"cycle-{cycle:04d}.parquet"), new_labels)
         oracle_labels = new_labels.num_rows
 
-    skip_reasons = dict(sorted(_count_values([row[2] for row in summary.skipped]).items()))
+    skip_reasons = dict(sorted(Counter(row[2] for row in summary.skipped).items()))
     manifest = {
         "cycle": cycle,
         "run_dir": config.run_dir,
@@ -349,7 +349,7 @@ def _check_selection(selected: pa.Table, labeled_ids: pa.Array, cycle: int) -> N
 
 
 def _ensure_initial_labels(config: Config, pool: PoolInfo, run_dir: RunDirectory) -> None:
-    path = run_dir.path("labels", INITIAL_LABELS)
+    path = run_dir.path("labels", INITIAL_FILE)
     if run_dir.fs.exists(path):
         return
     if not config.oracle:
@@ -397,13 +397,6 @@ def versions() -> dict[str, str]:
         "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
     }
-
-
-def _count_values(values: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[value] = counts.get(value, 0) + 1
-    return counts
 
 
 def _format_optional(value: float | None) -> str:
