@@ -521,7 +521,7 @@ def test_moved_pool_needs_pool_uri(tmp_path, pool):
     run = tmp_path / "run"
     make_cycle(run, 1, SELECTION, str(tmp_path / "moved-away"))
 
-    with pytest.raises(ExportError, match="cannot be read: .*pass pool_uri when the pool has moved"):
+    with pytest.raises(ExportError, match=r"cannot be read: .*pass --pool \(pool_uri in Python\) when the pool has moved"):
         export_selection(str(run), 1)
     written = export_selection(str(run), 1, pool_uri=pool)
 
