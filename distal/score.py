@@ -272,8 +272,10 @@ def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_ur
 
 
 def _write_score_file(run: RunDirectory, scores_dir: str, name: str, table: pa.Table) -> None:
+    # Rows arrive in any order; sorting by id makes the file, and the sums
+    # taken over it, the same on every run.
     buffer = io.BytesIO()
-    pq.write_table(table.cast(SCORE_SCHEMA), buffer)
+    pq.write_table(table.cast(SCORE_SCHEMA).sort_by("id"), buffer)
     write_bytes_atomic(run.fs, f"{scores_dir}/{name}", buffer.getvalue())
 
 
