@@ -695,7 +695,7 @@ def _compare_with_labeled_set(
             if relabel:
                 changes.append((label, True))
             else:
-                problems.append(_problem(ALREADY_LABELED, f"label files disagree on this id ({_describe_conflict(conflicts[label.id])}); to settle it with this label, import with relabel=True", label))
+                problems.append(_problem(ALREADY_LABELED, f"label files disagree on this id ({_describe_conflict(conflicts[label.id])}); to settle it with this label, import with --relabel (relabel=True in Python)", label))
             continue
         previous = earlier.get(label.id)
         if previous is None:
@@ -708,7 +708,7 @@ def _compare_with_labeled_set(
             problems.append(_problem(
                 ALREADY_LABELED,
                 f"already labeled {parser.describe(previous['label'])} in {previous['file']}, "
-                f"the file gives {parser.describe(label.label)}; to replace the label, import with relabel=True",
+                f"the file gives {parser.describe(label.label)}; to replace the label, import with --relabel (relabel=True in Python)",
                 label,
             ))
     return changes, unchanged, problems
@@ -890,7 +890,7 @@ def _format_problems(file: str, file_format: str, problems: list[LabelProblem], 
     if all_unknown:
         lines.append(f"None of the file's ids is in pool {pool}; check that this is the run's pool.")
     if any(problem.kind == ALREADY_LABELED for problem in problems):
-        lines.append("To replace existing labels on purpose, import the file with relabel=True.")
+        lines.append("To replace existing labels on purpose, import the file with --relabel (relabel=True in Python).")
     lines.append("Fix the file and import it again.")
     return "\n".join(lines)
 
@@ -915,5 +915,5 @@ def _format_conflicts(run_dir: RunDirectory, conflicts: dict[str, list[tuple[str
         lines.append(f"  id {sample_id!r}: {_describe_conflict(pairs)}")
     if len(conflicts) > MAX_LISTED_PROBLEMS:
         lines.append(f"  ... and {len(conflicts) - MAX_LISTED_PROBLEMS} more ids")
-    lines.append("Two imports probably ran at the same time. Import a file with the right labels with relabel=True.")
+    lines.append("Two imports probably ran at the same time. Import a file with the right labels with --relabel (relabel=True in Python).")
     return "\n".join(lines)
