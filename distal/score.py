@@ -333,10 +333,14 @@ def _merge_stats(chunks: list[tuple[int, float, float, float, float]]) -> dict[s
     total = sum(chunk[1] for chunk in chunks)
     squares = sum(chunk[2] for chunk in chunks)
     mean = total / count
+    # NOTE: a rescored shard meets the model in other batches, and CPU kernels
+    # chosen by batch size can change a score in its last bits. Rounding keeps
+    # this summary identical across reruns; a selection could differ only
+    # where two scores tie within that noise.
     return {
         "count": count,
-        "mean": mean,
-        "std": float(np.sqrt(max(squares / count - mean**2, 0.0))),
-        "min": min(chunk[3] for chunk in chunks),
-        "max": max(chunk[4] for chunk in chunks),
+        "mean": round(mean, 6),
+        "std": round(float(np.sqrt(max(squares / count - mean**2, 0.0))), 6),
+        "min": round(min(chunk[3] for chunk in chunks), 6),
+        "max": round(max(chunk[4] for chunk in chunks), 6),
     }
