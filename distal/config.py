@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Where the images are.
+    """Locations of the pool and its held-out evaluation set.
 
     Attributes:
         path: URI of the pool's Parquet dataset (local path or ``s3://...``).
@@ -141,7 +141,7 @@ class LabelsConfig:
         wait: before a new cycle, require labels for the previous cycle's
             selection: ``all`` of them, at least ``min_fraction`` of them
             (``fraction``), or none (``proceed``). A job that must wait exits
-            0 and says so, so a nightly scheduler can simply try again.
+            0 and prints why, so a nightly scheduler can simply try again.
         min_fraction: the share of the selection that must be labeled when
             wait is ``fraction``.
     """

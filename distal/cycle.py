@@ -1,6 +1,6 @@
 """One active-learning cycle, end to end: train, score, select, write the manifest.
 
-A run directory holds cycles ``1..config.cycles``. Running the job again is
+A run directory contains cycles ``1..config.cycles``. Running the job again is
 safe: completed cycles (those with a completion marker) are left untouched
 and reported, and an incomplete cycle resumes from its last finished step.
 """
@@ -42,7 +42,7 @@ MODEL_FILE = "model.pt"
 
 
 class CycleError(RuntimeError):
-    """A cycle cannot run or produced an inconsistent result; the message says what to do."""
+    """A cycle cannot run or produced an inconsistent result; the message states what to do."""
 
 
 def cycle_seed(seed: int, cycle: int) -> int:
@@ -214,7 +214,7 @@ def _cycle_settings(resolved: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_step(config, pool, eval_pool, run_dir: RunDirectory, cycle: int, labels: pa.Table, seed: int) -> dict[str, Any]:
-    """Train (resuming from Ray Train's last checkpoint) unless ``train.json`` says it is done."""
+    """Train (resuming from Ray Train's last checkpoint) unless ``train.json`` marks it done."""
     record_path = run_dir.cycle_path(cycle, TRAIN_RECORD)
     if run_dir.fs.exists(record_path):
         log.info("stage=train cycle=%d action=skip reason=already_trained", cycle)

@@ -69,7 +69,7 @@ class Candidates:
 
 @dataclass
 class ScoreSummary:
-    """What a scoring pass read and wrote."""
+    """Files and counts of one scoring pass."""
 
     files: list[str]
     scored: int

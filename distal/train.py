@@ -34,7 +34,7 @@ CHECKPOINT_FILE = "model.pt"
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What is needed to rebuild the learner from a checkpoint."""
+    """Settings needed to rebuild the learner from a checkpoint."""
 
     num_classes: int
     in_channels: int

@@ -12,8 +12,8 @@ unpacked copy of the working directory):
         python jobs/cycle.py --config configs/mnist-demo.yaml --run-dir s3://bucket/runs/demo \
         --set pool.path=s3://bucket/pools/mnist/pool --set pool.eval_path=s3://bucket/pools/mnist/eval
 
-The run directory holds cycles 1..cycles; rerunning the same command skips
-completed cycles and redoes an incomplete one. The exit status is 0 on
+The run directory contains cycles 1..cycles. Rerunning the same command skips
+completed cycles and resumes an incomplete one from its last finished step. The exit status is 0 on
 success and non-zero on any failure.
 """
 
