@@ -1,4 +1,4 @@
-"""The ``distal`` command: ``distal cycle ...`` and ``distal pool import ...``."""
+"""The ``distal`` command: ``distal cycle``, ``distal experiment``, ``distal pool import`` and the label tools."""
 
 from __future__ import annotations
 
@@ -159,6 +159,35 @@ def run_from_label_studio(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of an experiment (shared by ``distal experiment`` and ``jobs/experiment.py``)."""
+    parser.add_argument("config", help="experiment YAML file, for example configs/mnist-cpu.yaml")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one experiment key (dotted, YAML value), for example --set trials=1 --set run.train.epochs=5; repeatable",
+    )
+    parser.add_argument("--out-dir", help="experiment folder URI (sets out_dir)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results table, summary and plots from the runs found; run nothing")
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    from distal import experiment
+    from distal.config import ConfigError
+
+    overrides = ([f"out_dir={json.dumps(args.out_dir)}"] if args.out_dir else []) + list(args.overrides)
+    try:
+        config = experiment.load(args.config, overrides)
+    except ConfigError as err:
+        print(f"distal: error: {err}", file=sys.stderr)
+        return 2
+    experiment.run_experiment(config, report_only=args.report_only)
+    return 0
+
+
 def run_status(args: argparse.Namespace) -> int:
     from distal.rundir import RunDirectory
     from distal.status import format_status
@@ -178,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_cycle_arguments(cycle)
     cycle.set_defaults(handler=run_cycle_command)
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="compare strategies over trials and cycles; write a results table and plots",
+        description="Run strategies x trials x cycles of simulated active learning from one YAML file, "
+        "then write results.parquet, results.csv, summary.md and plots into the experiment folder.",
+    )
+    add_experiment_arguments(experiment)
+    experiment.set_defaults(handler=run_experiment_command)
 
     labels = commands.add_parser("labels", help="label tools")
     label_commands = labels.add_subparsers(dest="labels_command", required=True)
@@ -200,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     from_studio.set_defaults(handler=run_from_label_studio)
 
     export = commands.add_parser(
-        "export", help="write a completed cycle's selection as CSV, JSON Lines and Label Studio tasks for labeling"
+        "export",
+        help="write a completed cycle's selection as CSV, JSON Lines and Label Studio tasks for labeling",
+        description="Write a completed cycle's selection as CSV, JSON Lines and Label Studio tasks for labeling.",
     )
     export.add_argument("run_dir", help="run directory URI")
     export.add_argument("cycle", type=int, help="completed cycle number")
@@ -213,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--pool", help="pool URI when it moved since the cycle; default: the pool in the cycle's manifest.json")
     export.set_defaults(handler=run_export)
 
-    status = commands.add_parser("status", help="show every cycle of a run directory")
+    status = commands.add_parser(
+        "status", help="show every cycle of a run directory", description="Show every cycle of a run directory: state, counts and accuracy."
+    )
     status.add_argument("run_dir", help="run directory URI")
     status.set_defaults(handler=run_status)
 

@@ -20,6 +20,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from distal.acquisition import STRATEGIES
+
 
 class ConfigError(ValueError):
     """Invalid configuration: unknown key, wrong type or inconsistent values."""
@@ -80,6 +82,9 @@ class TrainConfig:
         checkpoint_every: epochs between checkpoints; a job killed during
             training resumes from the last one. The final epoch always
             writes one.
+        warm_start: start each cycle after the first from the previous
+            cycle's model (both modules) instead of a fresh initialization.
+            The paper retrains from scratch; the manifest records which.
     """
 
     epochs: int = 200
@@ -97,6 +102,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool | None = None
     checkpoint_every: int = 10
+    warm_start: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,9 +134,15 @@ class SelectConfig:
 
     Attributes:
         k: images selected per cycle (the query size).
+        strategy: acquisition strategy: ``learning_loss`` (highest predicted
+            loss), ``random``, ``entropy``, ``least_confidence``, ``margin``
+            or ``coreset`` (k-center greedy on penultimate features). Every
+            strategy but ``learning_loss`` trains without the loss
+            prediction module, so baselines get no ranking term.
     """
 
     k: int = 1_000
+    strategy: str = "learning_loss"
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,13 @@ def validate(config: Config) -> None:
         "a fraction between 0 and 1",
     )
     _require(config.select.k >= 1, "select.k", config.select.k, "an integer >= 1")
+    _require(config.select.strategy in STRATEGIES, "select.strategy", config.select.strategy, "one of " + ", ".join(STRATEGIES))
+    _require(
+        config.select.strategy != "coreset" or score.subset_size is not None,
+        "score.subset_size",
+        score.subset_size,
+        "an integer for select.strategy=coreset, which holds every candidate's features in memory",
+    )
 
 
 def _require(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -261,6 +280,16 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
 
     Raises:
         ConfigError: for an unreadable file, an unknown key or a wrong type.
+    """
+    data, source = read_mapping(path, overrides)
+    return from_dict(data, source=source)
+
+
+def read_mapping(path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """Read a YAML mapping and apply dotted ``key=value`` overrides; return it and a description of its source.
+
+    Raises:
+        ConfigError: for an unreadable file, a file that is not a mapping, or a malformed override.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -285,7 +314,7 @@ def load(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -
     source = path or "defaults"
     if overrides:
         source += " with overrides " + " ".join(overrides)
-    return from_dict(data, source=source)
+    return data, source
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

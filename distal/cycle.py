@@ -30,8 +30,9 @@ from distal.labels import INITIAL_FILE, LABELS_SCHEMA, current_labels, label_fil
 from distal.lease import RunLease
 from distal.pool import PoolInfo, open_fs, validate_pool
 from distal.rundir import RunDirectory, read_json, read_parquet, write_bytes_atomic, write_json_atomic, write_parquet_atomic
-from distal.score import choose_candidates, score_pool
-from distal.selection import select_from_score_files
+from distal.acquisition import uses_loss_module
+from distal.score import choose_candidates, labeled_features, score_pool
+from distal.selection import Selection, select_coreset, select_from_score_files
 from distal.train import publish_model, train
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 START_FILE = "start.json"
 TRAIN_RECORD = "train.json"
 MODEL_FILE = "model.pt"
+SELECTION_RECORD = "selection.json"
 
 
 class CycleError(RuntimeError):
@@ -219,9 +221,12 @@ def _train_step(config, pool, eval_pool, run_dir: RunDirectory, cycle: int, labe
     if run_dir.fs.exists(record_path):
         log.info("stage=train cycle=%d action=skip reason=already_trained", cycle)
         return read_json(run_dir.fs, record_path)
-    result = train(config, pool, labels, eval_pool, run_dir.uri_of("cycles", f"{cycle:04d}"), "train", seed)
+    init_uri = _warm_start_model(config, run_dir, cycle)
+    result = train(config, pool, labels, eval_pool, run_dir.uri_of("cycles", f"{cycle:04d}"), "train", seed, init_uri=init_uri)
     publish_model(result.checkpoint_uri, run_dir.uri_of("cycles", f"{cycle:04d}", MODEL_FILE))
     record = {
+        "init": f"cycles/{cycle - 1:04d}/{MODEL_FILE}" if init_uri else "scratch",
+        "loss_module": uses_loss_module(config.select.strategy),
         "metrics": result.metrics,
         "labeled_used": result.labeled_used,
         "skipped": [list(pair) for pair in result.skipped],
@@ -230,6 +235,26 @@ def _train_step(config, pool, eval_pool, run_dir: RunDirectory, cycle: int, labe
     write_json_atomic(run_dir.fs, record_path, record)
     log.info("stage=train cycle=%d done seconds=%.1f %s", cycle, result.seconds, " ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
     return record
+
+
+def _warm_start_model(config: Config, run_dir: RunDirectory, cycle: int) -> str | None:
+    """Return the previous cycle's model when ``train.warm_start`` is on, else None (train from scratch)."""
+    if not config.train.warm_start or cycle == 1:
+        return None
+    uri = run_dir.uri_of("cycles", f"{cycle - 1:04d}", MODEL_FILE)
+    if not run_dir.fs.exists(run_dir.cycle_path(cycle - 1, MODEL_FILE)):
+        raise CycleError(f"train.warm_start is on, but the previous cycle's model {uri} is missing. Restore it, or set train.warm_start=false.")
+    return uri
+
+
+def _select_step(config: Config, pool: PoolInfo, run_dir: RunDirectory, cycle: int, seed: int, files: list[str], labeled_ids: pa.Array, model_uri: str) -> Selection:
+    """Apply the configured strategy to the cycle's score files."""
+    strategy = config.select.strategy
+    if strategy == "coreset":
+        centres = labeled_features(pool, labeled_ids, model_uri, config.score)
+        return select_coreset(files, centres, config.select.k, filesystem=run_dir.fs)
+    # The random strategy draws with its own seed, apart from the subset's draw.
+    return select_from_score_files(files, config.select.k, filesystem=run_dir.fs, strategy=strategy, seed=seed + 1)
 
 
 def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_dir: RunDirectory, cycle: int) -> dict[str, Any]:
@@ -258,17 +283,21 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
     step = time.monotonic()
     candidates = choose_candidates(pool, labeled_ids, config.score.subset_size, seed)
     timings["candidates_s"] = time.monotonic() - step
-    summary = score_pool(pool, candidates, labeled_ids, model_uri, run_dir, cycle, config.score)
+    summary = score_pool(pool, candidates, labeled_ids, model_uri, run_dir, cycle, config.score, strategy=config.select.strategy)
     timings["score_s"] = summary.seconds
 
     step = time.monotonic()
     selected_path = run_dir.cycle_path(cycle, "selected.parquet")
+    selection_record_path = run_dir.cycle_path(cycle, SELECTION_RECORD)
     if run_dir.fs.exists(selected_path):
         selected = read_parquet(run_dir.fs, selected_path)
+        selection_details = read_json(run_dir.fs, selection_record_path)
         log.info("stage=select cycle=%d action=keep reason=already_written", cycle)
     else:
-        selected = select_from_score_files(summary.files, config.select.k, filesystem=run_dir.fs).table
+        selection = _select_step(config, pool, run_dir, cycle, seed, summary.files, labeled_ids, model_uri)
+        selected, selection_details = selection.table, selection.details
         _check_selection(selected, labeled_ids, cycle)
+        write_json_atomic(run_dir.fs, selection_record_path, selection_details)
         skipped_table = pa.table(
             {
                 "id": pa.array([row[0] for row in summary.skipped], pa.string()),
@@ -315,6 +344,8 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
             "oracle_labels": oracle_labels,
         },
         "label_files": start["label_files"],
+        "train": {"init": trained.get("init", "scratch"), "loss_module": trained.get("loss_module", True)},
+        "selection": selection_details,
         "metrics": trained["metrics"],
         "score_stats": summary.score_stats,
         "timings": {key: round(value, 3) for key, value in timings.items()},
@@ -322,6 +353,7 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
             "model": MODEL_FILE,
             "scores": ["scores/" + path.rsplit("/", 1)[-1] for path in summary.files],
             "selected": "selected.parquet",
+            "selection": SELECTION_RECORD,
             "skipped": "skipped.parquet",
         },
         "selected": selected.column("id").to_pylist(),
@@ -343,9 +375,9 @@ def _check_selection(selected: pa.Table, labeled_ids: pa.Array, cycle: int) -> N
     overlap = pc.sum(pc.is_in(ids, value_set=labeled_ids)).as_py() or 0
     if overlap:
         raise CycleError(f"Cycle {cycle} selected {overlap} already labeled ids; the score files are stale. Rerun the cycle.")
-    scores = selected.column("predicted_loss").to_numpy()
+    scores = selected.column("score").to_numpy()
     if np.any(np.diff(scores) > 0):
-        raise CycleError(f"Cycle {cycle}'s selection is not ordered by predicted loss descending.")
+        raise CycleError(f"Cycle {cycle}'s selection is not ordered by score descending.")
 
 
 def _ensure_initial_labels(config: Config, pool: PoolInfo, run_dir: RunDirectory) -> None:
@@ -405,7 +437,10 @@ def _format_optional(value: float | None) -> str:
 
 def format_summary(records: list[CycleRecord]) -> str:
     """Return a plain-text table with one row per cycle."""
-    header = f"{'cycle':>5} {'labeled':>8} {'scored':>8} {'skipped':>7} {'selected':>8} {'target_loss':>11} {'rank_loss':>9} {'eval_acc':>8} {'train_s':>8} {'score_s':>8}"
+    header = (
+        f"{'cycle':>5} {'labeled':>8} {'scored':>8} {'skipped':>7} {'selected':>8} {'target_loss':>11} {'rank_loss':>9} "
+        f"{'eval_acc':>8} {'rank_acc':>8} {'train_s':>8} {'score_s':>8}"
+    )
     lines = [header, "-" * len(header)]
     for record in records:
         m = record.manifest
@@ -413,7 +448,8 @@ def format_summary(records: list[CycleRecord]) -> str:
         lines.append(
             f"{record.cycle:>5} {counts['labeled']:>8} {counts['scored']:>8} {counts['skipped']:>7} {counts['selected']:>8} "
             f"{metrics.get('target_loss', float('nan')):>11.4f} {metrics.get('ranking_loss', float('nan')):>9.4f} "
-            f"{_format_optional(metrics.get('eval_accuracy')):>8} {timings.get('train_s', 0):>8.1f} {timings.get('score_s', 0):>8.1f}"
+            f"{_format_optional(metrics.get('eval_accuracy')):>8} {_format_optional(metrics.get('ranking_accuracy')):>8} "
+            f"{timings.get('train_s', 0):>8.1f} {timings.get('score_s', 0):>8.1f}"
         )
     return "\n".join(lines)
 

@@ -86,7 +86,7 @@ class _SelectedImage:
 
     rank: int
     id: str
-    predicted_loss: float
+    predicted_loss: float | None
     shard: str
     row: int
     data: bytes
@@ -246,7 +246,8 @@ def _read_selected(run_dir: RunDirectory, cycle: int) -> pa.Table:
         table = table.select(list(SELECTED_COLUMNS)).cast(pa.schema(SELECTED_COLUMNS))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
         raise ExportError(f"{uri}: {expected}, but casting failed: {err}.") from err
-    nulls = [name for name in SELECTED_COLUMNS if table.column(name).null_count]
+    # A baseline strategy trains no loss module, so its predicted_loss is null.
+    nulls = [name for name in ("rank", "id") if table.column(name).null_count]
     if nulls:
         raise ExportError(f"{uri} has null values in the columns {nulls}. Restore it from a backup.")
     if len(pc.unique(table.column("id"))) != table.num_rows:
@@ -437,7 +438,8 @@ def _csv_bytes(images: list[_SelectedImage], image_uri_base: str | None) -> byte
     writer.writeheader()
     for record in records:
         # repr() keeps every digit of the float, so the CSV matches selected.parquet exactly.
-        writer.writerow({**record, "predicted_loss": repr(record["predicted_loss"]), "label": ""})
+        loss = record["predicted_loss"]
+        writer.writerow({**record, "predicted_loss": "" if loss is None else repr(loss), "label": ""})
     return buffer.getvalue().encode("utf-8")
 
 

@@ -103,9 +103,9 @@ def build_task(model_config: ModelConfig, num_classes: int, in_channels: int) ->
     return ClassificationTask(num_classes=num_classes, in_channels=in_channels, width=model_config.width)
 
 
-def build_learner(task: Task, model_config: ModelConfig) -> LossLearner:
-    """Build the task's target network with a loss prediction module attached."""
-    return LossLearner(task.build_model(), task.feature_channels, dim=model_config.loss_module_dim)
+def build_learner(task: Task, model_config: ModelConfig, loss_module: bool = True) -> LossLearner:
+    """Build the task's target network, with a loss prediction module attached unless ``loss_module`` is False."""
+    return LossLearner(task.build_model(), task.feature_channels, dim=model_config.loss_module_dim, loss_module=loss_module)
 
 
 class BasicBlock(nn.Module):
@@ -230,12 +230,14 @@ class LossLearner(nn.Module):
         feature_channels: channels of the maps in ``features``, in order.
         dim: units of each stage's fully connected layer in the loss
             prediction module (128 in the paper).
+        loss_module: False builds the target network alone, for baselines
+            that must train without the module; the predicted loss is then None.
     """
 
-    def __init__(self, target: nn.Module, feature_channels: Sequence[int], dim: int = 128) -> None:
+    def __init__(self, target: nn.Module, feature_channels: Sequence[int], dim: int = 128, loss_module: bool = True) -> None:
         super().__init__()
         self.target = target
-        self.loss_module = LossPredictionModule(feature_channels, dim=dim)
+        self.loss_module = LossPredictionModule(feature_channels, dim=dim) if loss_module else None
 
     def forward(self, x: Tensor, detach_features: bool = False) -> tuple[Any, Tensor]:
         """Run the target network and predict each sample's loss.
@@ -247,12 +249,27 @@ class LossLearner(nn.Module):
                 target network (the gradient stop).
 
         Returns:
-            The target network's outputs and the predicted loss [B].
+            The target network's outputs and the predicted loss [B] (None
+            without a loss prediction module).
         """
         outputs, features = self.target(x)
+        if self.loss_module is None:
+            return outputs, None
         if detach_features:
             features = [feature.detach() for feature in features]
         return outputs, self.loss_module(features)
+
+    def predict(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Return what one scoring pass needs: outputs, predicted loss [B] (or None) and penultimate features.
+
+        The target network must provide ``encode(x)`` returning the pooled
+        penultimate features and the stage maps, and a ``classifier`` head,
+        as ``ResNet18`` does.
+        """
+        embedding, features = self.target.encode(x)  # [B, D], stage maps
+        outputs = self.target.classifier(embedding)  # [B, num_classes]
+        predicted = self.loss_module(features) if self.loss_module is not None else None  # [B]
+        return outputs, predicted, embedding
 
 
 def device_for(use_gpu: bool | None) -> torch.device:

@@ -11,9 +11,10 @@ Layout under the run directory URI (local path or ``s3://...``)::
         train/                   Ray Train storage: checkpoints of both modules
         train.json               training finished: metrics, images used
         model.pt                 the trained modules, loaded by scoring
-        scores/<shard>.parquet   one per pool shard: id, predicted_loss, ...
+        scores/<shard>.parquet   one per pool shard: id, predicted_loss, entropy, ...
         scores/_SUCCESS          written once every score file is complete
-        selected.parquet         rank, id, predicted_loss (highest first)
+        selection.json           strategy and counts of the selection
+        selected.parquet         rank, id, score, predicted_loss (highest score first)
         skipped.parquet          undecodable images: id, shard, reason
         manifest.json            the record of the cycle
         _COMPLETE                written last; a cycle with it is never redone

@@ -1,10 +1,13 @@
-"""Scoring: stream the unlabeled pool through actors that predict each image's loss.
+"""Scoring: stream the unlabeled pool through actors that score each image in one forward pass.
 
 Pipeline (Ray Data): read shards -> keep candidates (unlabeled, optionally a
-seeded random subset) -> decode in CPU tasks -> predict loss in an actor pool
-(one GPU per actor when CUDA is present) -> the driver streams the
-``(id, predicted_loss)`` rows into score files. Every score carries its id;
-positions in a batch are never used to attach a score to a sample.
+seeded random subset) -> decode in CPU tasks -> one forward pass per image in
+an actor pool (one GPU per actor when CUDA is present) -> the driver streams
+the rows into score files. A row holds the predicted loss (when the model has
+a loss prediction module), the entropy, least confidence and margin of the
+softmax, and, for core-set selection, the penultimate-layer features. Every
+score carries its id; positions in a batch are never used to attach a score
+to a sample.
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distal import failpoints
+from distal.acquisition import hash_ids
 from distal.config import ScoreConfig
 from distal.datasets import decode_rows, drop_ids, keep_ids, read_pool
 from distal.pool import PoolInfo, open_fs
@@ -35,11 +38,20 @@ SCORE_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("predicted_loss", pa.float64()),
+        ("entropy", pa.float64()),
+        ("least_confidence", pa.float64()),
+        ("margin", pa.float64()),
         ("shard", pa.string()),
         ("skip_reason", pa.string()),
         ("conversion", pa.string()),
     ]
 )
+FEATURES_COLUMN = "features"
+
+
+def score_schema(features: bool) -> pa.Schema:
+    """Return the score-file schema, with the penultimate features column when ``features`` is True."""
+    return SCORE_SCHEMA.append(pa.field(FEATURES_COLUMN, pa.list_(pa.float32()))) if features else SCORE_SCHEMA
 
 
 class ScoringError(RuntimeError):
@@ -77,13 +89,6 @@ class ScoreSummary:
     conversions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     score_stats: dict[str, float] = field(default_factory=dict)
-
-
-def hash_ids(ids: pa.Array | list[str], seed: int) -> np.ndarray:
-    """Return a seeded uint64 hash per id; the same id and seed always give the same value."""
-    key = f"distal{seed:010d}"[-16:]
-    values = np.asarray(ids.to_pylist() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids, dtype=object)
-    return pd.util.hash_array(values, hash_key=key, categorize=False)
 
 
 def choose_candidates(info: PoolInfo, labeled_ids: pa.Array, subset_size: int | None, seed: int) -> Candidates:
@@ -126,40 +131,58 @@ def shard_name(shard: str) -> str:
 
 
 class LossScorer:
-    """Ray Data actor: predicts the loss of each decoded image with the trained loss module."""
+    """Ray Data actor: one forward pass per decoded image yields its predicted loss, uncertainty and features."""
 
-    def __init__(self, checkpoint_uri: str, use_gpu: bool) -> None:
+    def __init__(self, checkpoint_uri: str, use_gpu: bool, features: bool = False) -> None:
         import torch
 
         from distal.train import load_checkpoint
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.task, self.learner, _ = load_checkpoint(checkpoint_uri, self.device)
+        self.features = features
         if self.device.type == "cuda":
             self.learner = self.learner.to(memory_format=torch.channels_last)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
 
+        from distal.acquisition import uncertainty_scores
         from distal.train_step import normalize
 
-        ok = batch["skip_reason"] == ""
-        predicted = np.full(len(ok), np.nan)
+        ok = batch["skip_reason"] == ""  # [B] rows that decoded
+        has_loss_module = self.learner.loss_module is not None
+        columns = {name: np.full(len(ok), np.nan) for name in ("predicted_loss", "entropy", "least_confidence", "margin")}
+        embeddings = None
         if ok.any():
             with torch.inference_mode():
                 images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)  # [n_ok, C, H, W]
-                _, loss = self.learner(normalize(images), detach_features=True)  # [n_ok]
-                predicted[ok] = loss.float().cpu().numpy()
-        return pa.table(
-            {
-                "id": pa.array(batch["id"].tolist(), pa.string()),
-                "predicted_loss": pa.array(predicted, pa.float64(), mask=~ok),
-                "shard": pa.array(batch["shard"].tolist(), pa.string()),
-                "skip_reason": pa.array([reason or None for reason in batch["skip_reason"].tolist()], pa.string()),
-                "conversion": pa.array([note or None for note in batch["conversion"].tolist()], pa.string()),
-            },
-            schema=SCORE_SCHEMA,
-        )
+                logits, predicted, embedding = self.learner.predict(normalize(images))  # [n_ok, C'], [n_ok], [n_ok, D]
+                for name, values in uncertainty_scores(logits.double().cpu().numpy()).items():
+                    columns[name][ok] = values
+                if has_loss_module:
+                    columns["predicted_loss"][ok] = predicted.double().cpu().numpy()
+                if self.features:
+                    embeddings = embedding.float().cpu().numpy()  # [n_ok, D]
+        table = {"id": pa.array(batch["id"].tolist(), pa.string())}
+        for name, values in columns.items():
+            missing = ~ok if name != "predicted_loss" or has_loss_module else np.ones(len(ok), dtype=bool)
+            table[name] = pa.array(values, pa.float64(), mask=missing)
+        table["shard"] = pa.array(batch["shard"].tolist(), pa.string())
+        table["skip_reason"] = pa.array([reason or None for reason in batch["skip_reason"].tolist()], pa.string())
+        table["conversion"] = pa.array([note or None for note in batch["conversion"].tolist()], pa.string())
+        if self.features:
+            table[FEATURES_COLUMN] = _features_array(embeddings, ok)
+        return pa.table(table, schema=score_schema(self.features))
+
+
+def _features_array(embeddings: np.ndarray | None, ok: np.ndarray) -> pa.Array:
+    """Return a list<float32> column with one feature vector per decoded row and null for skipped rows."""
+    rows: list[list[float] | None] = [None] * len(ok)
+    if embeddings is not None:
+        for position, vector in zip(np.flatnonzero(ok), embeddings):
+            rows[position] = vector.tolist()
+    return pa.array(rows, pa.list_(pa.float32()))
 
 
 def score_pool(
@@ -170,6 +193,7 @@ def score_pool(
     run: RunDirectory,
     cycle: int,
     config: ScoreConfig,
+    strategy: str = "learning_loss",
 ) -> ScoreSummary:
     """Score the candidates into one score file per pool shard, then write the scores marker.
 
@@ -181,6 +205,9 @@ def score_pool(
         ScoringError: when more than ``config.max_skip_fraction`` of the
             candidates cannot be decoded.
     """
+    from distal.acquisition import SCORE_COLUMNS
+
+    features = strategy == "coreset"
     start = time.monotonic()
     scores_dir = run.cycle_path(cycle, "scores")
     run.fs.makedirs(scores_dir, exist_ok=True)
@@ -188,13 +215,13 @@ def score_pool(
     done = _finished_shards(run, scores_dir, expected)
     todo = [shard for shard in info.shards if shard_name(shard) not in done]
     for shard in [shard for shard in todo if expected[shard_name(shard)] == 0]:
-        _write_score_file(run, scores_dir, shard_name(shard), SCORE_SCHEMA.empty_table())
+        _write_score_file(run, scores_dir, shard_name(shard), score_schema(features).empty_table())
     todo = [shard for shard in todo if expected[shard_name(shard)] > 0]
     log.info("stage=score shards=%d already_scored=%d to_score=%d candidates=%d", len(expected), len(done), len(todo), candidates.count)
     if todo:
-        _score_shards(info, todo, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config)
+        _score_shards(info, todo, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config, features)
     files = [f"{scores_dir}/{name}" for name in expected]
-    summary = summarize_scores(run, files)
+    summary = summarize_scores(run, files, column=SCORE_COLUMNS.get(strategy))
     summary.seconds = time.monotonic() - start
 
     total = summary.scored + len(summary.skipped)
@@ -222,37 +249,41 @@ def _finished_shards(run: RunDirectory, scores_dir: str, expected: dict[str, int
     return done
 
 
-def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config) -> None:
+def _scoring_dataset(info: PoolInfo, shards: list[str], keep: pa.Array | None, drop: pa.Array | None, checkpoint_uri: str, config: ScoreConfig, features: bool):
+    """Build the Ray Data pipeline read -> keep or drop ids -> decode -> score for some shards."""
     import ray.data
 
     from distal.train import resolve_use_gpu
 
     use_gpu = resolve_use_gpu(config.use_gpu)
     dataset = read_pool(info, ["id", "image"], shards=shards)
-    if candidates.ids is not None:
-        dataset = dataset.map_batches(keep_ids, batch_format="pyarrow", fn_kwargs={"ids": candidates.ids})
+    if keep is not None:
+        dataset = dataset.map_batches(keep_ids, batch_format="pyarrow", fn_kwargs={"ids": keep})
     else:
-        dataset = dataset.map_batches(drop_ids, batch_format="pyarrow", fn_kwargs={"ids": labeled_ids})
+        dataset = dataset.map_batches(drop_ids, batch_format="pyarrow", fn_kwargs={"ids": drop})
     dataset = dataset.map_batches(
         decode_rows,
         batch_format="pyarrow",
         fn_kwargs={"channels": info.channels, "image_size": tuple(info.image_size)},
     )
-    dataset = dataset.map_batches(
+    return dataset.map_batches(
         LossScorer,
         batch_format="numpy",
         batch_size=config.batch_size,
         compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_cpus=config.cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": use_gpu},
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "use_gpu": use_gpu, "features": features},
     )
 
+
+def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config, features) -> None:
+    dataset = _scoring_dataset(info, shards, candidates.ids, labeled_ids, checkpoint_uri, config, features)
     pending: dict[str, list[pa.Table]] = {}
     received: Counter[str] = Counter()
     progress = Progress(log, "score", total=sum(expected[shard_name(shard)] for shard in shards))
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        skipped = table.column("predicted_loss").null_count
+        skipped = table.num_rows - table.column("skip_reason").null_count
         for name in pc.unique(table.column("shard")).to_pylist():
             part = table.filter(pc.equal(table.column("shard"), name))
             pending.setdefault(name, []).append(part)
@@ -275,19 +306,47 @@ def _write_score_file(run: RunDirectory, scores_dir: str, name: str, table: pa.T
     # Rows arrive in any order; sorting by id makes the file, and the sums
     # taken over it, the same on every run.
     buffer = io.BytesIO()
-    pq.write_table(table.cast(SCORE_SCHEMA).sort_by("id"), buffer)
+    pq.write_table(table.cast(score_schema(FEATURES_COLUMN in table.column_names)).sort_by("id"), buffer)
     write_bytes_atomic(run.fs, f"{scores_dir}/{name}", buffer.getvalue())
 
 
-def summarize_scores(run: RunDirectory, files: list[str]) -> ScoreSummary:
-    """Count scored and skipped rows, conversions and score statistics by streaming the score files."""
+def labeled_features(info: PoolInfo, labeled_ids: pa.Array, checkpoint_uri: str, config: ScoreConfig) -> np.ndarray:
+    """Return the penultimate-layer features [M, D] of the decodable labeled images, in id order.
+
+    Core-set selection uses them as the initial centres; the pass reuses the
+    scoring pipeline, so the features come from the same model and transforms.
+    """
+    dataset = _scoring_dataset(info, list(info.shards), labeled_ids, None, checkpoint_uri, config, features=True)
+    parts = []
+    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        parts.append(table.filter(pc.is_null(table.column("skip_reason"))).select(["id", FEATURES_COLUMN]))
+    if not parts:
+        return np.zeros((0, 0), dtype=np.float32)
+    table = pa.concat_tables(parts).sort_by("id")
+    return _features_matrix(table.column(FEATURES_COLUMN))
+
+
+def _features_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """Stack a list<float32> column of equal-length vectors into a float32 matrix [N, D]."""
+    flat = column.combine_chunks()
+    if len(flat) == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    values = flat.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(flat), -1).astype(np.float32, copy=False)
+
+
+def summarize_scores(run: RunDirectory, files: list[str], column: str | None = "predicted_loss") -> ScoreSummary:
+    """Count scored and skipped rows, conversions and statistics of ``column`` by streaming the score files.
+
+    ``column`` None (random and core-set selection) records counts only.
+    """
     skipped: list[tuple[str, str, str]] = []
     conversions: Counter[str] = Counter()
     chunks = []
     scored = 0
     for path in files:
         with run.fs.open(path, "rb") as handle:
-            table = pq.read_table(handle)
+            table = pq.read_table(handle, columns=["id", "shard", "skip_reason", "conversion", *([column] if column else [])])
         bad = table.filter(pc.is_valid(table.column("skip_reason")))
         for row in bad.select(["id", "shard", "skip_reason"]).to_pylist():
             if len(skipped) < 5:
@@ -298,11 +357,12 @@ def summarize_scores(run: RunDirectory, files: list[str]) -> ScoreSummary:
                 )
             skipped.append((row["id"], row["shard"], row["skip_reason"]))
         _count_conversions(table, conversions)
-        values = table.column("predicted_loss").drop_null().to_numpy()
-        scored += len(values)
-        chunks.append(_summarize_chunk(values))
+        scored += table.column("skip_reason").null_count
+        if column is not None:
+            chunks.append(_summarize_chunk(table.column(column).drop_null().to_numpy()))
     skipped.sort()
-    return ScoreSummary(files, scored, skipped, dict(conversions), 0.0, _merge_stats(chunks))
+    stats = {"column": column, **_merge_stats(chunks)} if column is not None else {}
+    return ScoreSummary(files, scored, skipped, dict(conversions), 0.0, stats)
 
 
 def _count_conversions(table: pa.Table, conversions: Counter) -> None:

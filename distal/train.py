@@ -69,12 +69,12 @@ def resolve_use_gpu(requested: bool | None) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def build_learner(model_config: ModelConfig, spec: TaskSpec):
+def build_learner(model_config: ModelConfig, spec: TaskSpec, loss_module: bool = True):
     from distal.model import build_learner as attach_loss_module
     from distal.model import build_task
 
     task = build_task(model_config, num_classes=spec.num_classes, in_channels=spec.in_channels)
-    return task, attach_loss_module(task, model_config)
+    return task, attach_loss_module(task, model_config, loss_module=loss_module)
 
 
 def save_checkpoint(
@@ -91,6 +91,7 @@ def save_checkpoint(
         "state_dict": learner.state_dict(),
         "model_config": dataclasses.asdict(model_config),
         "task_spec": dataclasses.asdict(spec),
+        "loss_module": learner.loss_module is not None,
         "epoch": epoch,
     }
     if optimizer is not None:
@@ -116,7 +117,7 @@ def load_checkpoint(checkpoint_uri: str, device: torch.device | str = "cpu"):
     model_config = ModelConfig(**state["model_config"])
     spec_data = state["task_spec"]
     spec = TaskSpec(spec_data["num_classes"], spec_data["in_channels"], tuple(spec_data["image_size"]))
-    task, learner = build_learner(model_config, spec)
+    task, learner = build_learner(model_config, spec, loss_module=state.get("loss_module", True))
     learner.load_state_dict(state["state_dict"])
     learner.to(device).eval()
     return task, learner, spec
@@ -176,8 +177,20 @@ def _ordered(dataset):
     return dataset
 
 
-def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo | None, storage_uri: str, name: str, seed: int) -> TrainResult:
-    """Train both modules on the labeled set with Ray Train and return the checkpoint and metrics.
+def train(
+    config: Config,
+    info: PoolInfo,
+    labels: pa.Table,
+    eval_info: PoolInfo | None,
+    storage_uri: str,
+    name: str,
+    seed: int,
+    init_uri: str | None = None,
+) -> TrainResult:
+    """Train the target model (and its loss module, for ``learning_loss``) on the labeled set with Ray Train.
+
+    Strategies other than ``learning_loss`` train the target model alone: no
+    loss prediction module and no ranking loss, every other setting the same.
 
     Args:
         config: resolved run configuration.
@@ -187,7 +200,10 @@ def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo 
         storage_uri: Ray Train storage path (local directory or ``s3://...``).
         name: Ray Train run name inside storage_uri.
         seed: seed of this cycle's training.
+        init_uri: a model to start from (warm start); None initializes afresh.
     """
+    from distal.acquisition import uses_loss_module
+
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -220,6 +236,8 @@ def train(config: Config, info: PoolInfo, labels: pa.Table, eval_info: PoolInfo 
             "seed": seed,
             "labeled": labeled_used,
             "has_eval": "eval" in datasets,
+            "loss_module": uses_loss_module(config.select.strategy),
+            "init_uri": init_uri,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=train_cfg.num_workers,
@@ -292,11 +310,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     seed = loop_config["seed"]
     torch.manual_seed(seed * 1000 + rank)
 
-    task, model = build_learner(model_config, spec)
+    with_loss_module = loop_config["loss_module"]
+    task, model = build_learner(model_config, spec, loss_module=with_loss_module)
     optimizer, scheduler = build_optimizer(model, train_cfg)
     first_epoch = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler)
     if first_epoch and rank == 0:
         log.info("stage=train action=resume epoch=%d/%d", first_epoch, train_cfg.epochs)
+    elif loop_config["init_uri"]:
+        _warm_start(model, loop_config["init_uri"])
+        if rank == 0:
+            log.info("stage=train action=warm_start from=%s", loop_config["init_uri"])
     device = ray.train.torch.get_device()
     learner = ray.train.torch.prepare_model(model)
     local_batch = train_cfg.batch_size // world
@@ -328,8 +351,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             optimizer.step()
+            rank_value = losses.ranking_loss.item() if losses.ranking_loss is not None else 0.0
             sums += torch.tensor(
-                [losses.target_loss.item() * usable, losses.ranking_loss.item() * usable, usable],
+                [losses.target_loss.item() * usable, rank_value * usable, usable],
                 dtype=torch.float64,
                 device=device,
             )
@@ -337,12 +361,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(sums)
         samples = max(sums[2].item(), 1.0)
-        metrics = {
-            "epoch": epoch + 1,
-            "target_loss": sums[0].item() / samples,
-            "ranking_loss": sums[1].item() / samples,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
+        metrics = {"epoch": epoch + 1, "target_loss": sums[0].item() / samples}
+        if with_loss_module:
+            metrics["ranking_loss"] = sums[1].item() / samples
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
         final = epoch == train_cfg.epochs - 1
         if final and eval_shard is not None:
             metrics.update(_evaluate(learner, task, eval_shard, device, world))
@@ -380,6 +402,21 @@ def _restore(checkpoint, model, optimizer, scheduler) -> int:
     return int(state["epoch"])
 
 
+def _warm_start(model: torch.nn.Module, init_uri: str) -> None:
+    """Load a previous cycle's modules into a freshly built learner (optimizer and schedule start anew)."""
+    import fsspec
+
+    with fsspec.open(_model_file(init_uri), "rb") as handle:
+        state = torch.load(handle, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state["state_dict"])
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"Cannot warm start from {init_uri}: its modules do not match this run's model settings. "
+            "Set train.warm_start=false or keep model settings and strategy unchanged between cycles."
+        ) from err
+
+
 def _log_epoch(metrics: dict[str, float], epochs: int, start: float, first_epoch: int) -> None:
     epoch = int(metrics["epoch"])
     elapsed = time.monotonic() - start
@@ -391,8 +428,10 @@ def _log_epoch(metrics: dict[str, float], epochs: int, start: float, first_epoch
 
 @torch.no_grad()
 def _evaluate(learner, task, eval_shard, device, world: int) -> dict[str, float]:
+    """Return held-out accuracy and, with a loss module, its ranking accuracy over held-out pairs."""
     import torch.distributed as dist
 
+    from distal.acquisition import ranking_accuracy
     from distal.train_step import normalize
 
     # Evaluate the unwrapped module: DDP would sync buffers on every forward,
@@ -400,10 +439,28 @@ def _evaluate(learner, task, eval_shard, device, world: int) -> dict[str, float]
     model = learner.module if hasattr(learner, "module") else learner
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # correct, samples
+    predicted_parts, true_parts = [], []
     for batch in eval_shard.iter_torch_batches(batch_size=512, dtypes={"image": torch.uint8, "label": torch.int64}, device=device):
-        outputs, _ = model(normalize(batch["image"]), detach_features=True)
+        outputs, predicted = model(normalize(batch["image"]), detach_features=True)
         correct, count = task.metric(outputs, batch["label"])
         totals += torch.tensor([correct, count], dtype=torch.float64, device=device)
+        if predicted is not None:
+            predicted_parts.append(predicted.double().cpu().numpy())  # [B]
+            true_parts.append(task.per_sample_loss(outputs, batch["label"]).double().cpu().numpy())  # [B]
     if world > 1:
         dist.all_reduce(totals)
-    return {"eval_accuracy": totals[0].item() / max(totals[1].item(), 1.0), "eval_samples": int(totals[1].item())}
+    metrics = {"eval_accuracy": totals[0].item() / max(totals[1].item(), 1.0), "eval_samples": int(totals[1].item())}
+    if model.loss_module is None:
+        return metrics
+    pairs = (np.concatenate(predicted_parts or [np.zeros(0)]), np.concatenate(true_parts or [np.zeros(0)]))
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, pairs)
+        pairs = (np.concatenate([part[0] for part in gathered]), np.concatenate([part[1] for part in gathered]))
+    # Pairs are taken over the whole held-out set, as in the paper; the
+    # chunked count keeps memory at O(chunk x N).
+    finite = np.isfinite(pairs[0]) & np.isfinite(pairs[1])
+    if not finite.all():
+        log.warning("stage=train ranking_accuracy non_finite=%d: those held-out samples are left out", int((~finite).sum()))
+    metrics["ranking_accuracy"] = ranking_accuracy(pairs[0][finite], pairs[1][finite])
+    return metrics

@@ -32,19 +32,21 @@ class StepLosses:
 
     Attributes:
         total: ``target_loss + loss_weight * ranking_loss``, the scalar to
-            backpropagate.
+            backpropagate; ``target_loss`` alone without a loss module.
         target_loss: mean of the per-sample target losses (scalar).
-        ranking_loss: ranking loss of the predicted losses (scalar, unweighted).
+        ranking_loss: ranking loss of the predicted losses (scalar,
+            unweighted); None without a loss prediction module.
         per_sample_loss: detached per-sample target losses [B].
-        predicted_loss: detached predicted losses [B].
+        predicted_loss: detached predicted losses [B]; None without a loss
+            prediction module.
         outputs: detached outputs of the target network, for ``Task.metric``.
     """
 
     total: Tensor
     target_loss: Tensor
-    ranking_loss: Tensor
+    ranking_loss: Tensor | None
     per_sample_loss: Tensor
-    predicted_loss: Tensor
+    predicted_loss: Tensor | None
     outputs: Any
 
 
@@ -76,9 +78,20 @@ def compute_losses(
         ValueError: when the batch size is odd (see ``ranking_loss``).
     """
     detach_features = epoch >= config.gradient_stop_epoch
-    outputs, predicted = learner(images, detach_features=detach_features)  # predicted: [B]
+    outputs, predicted = learner(images, detach_features=detach_features)  # predicted: [B] or None
     per_sample = task.per_sample_loss(outputs, targets)  # [B]
     target_loss = per_sample.mean()
+    if predicted is None:
+        # A baseline without the loss prediction module: its objective is the
+        # target loss alone, with no ranking term at any weight.
+        return StepLosses(
+            total=target_loss,
+            target_loss=target_loss,
+            ranking_loss=None,
+            per_sample_loss=per_sample.detach(),
+            predicted_loss=None,
+            outputs=_detach(outputs),
+        )
     rank_loss = ranking_loss(predicted, per_sample.detach(), margin=config.margin)
     total = target_loss + config.loss_weight * rank_loss
     return StepLosses(

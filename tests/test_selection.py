@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distal.selection import StreamingTopK, select_from_score_files, top_k
+from distal.selection import StreamingTopK, select_coreset, select_from_score_files, top_k
 
 
 def full_sort_top_k(ids, scores, k):
@@ -94,3 +94,62 @@ def test_select_from_score_files_streams_all_files(tmp_path):
     assert selection.table.column("rank").to_pylist() == list(range(1, 301))
     assert selection.rows_read == 2500
     assert selection.non_finite == 1
+
+
+def write_score_file(path, ids, **columns):
+    table = {"id": pa.array(ids, pa.string())}
+    for name, values in columns.items():
+        table[name] = pa.array(values, pa.list_(pa.float32()) if name == "features" else (pa.string() if name == "skip_reason" else pa.float64()))
+    pq.write_table(pa.table(table), path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "column", "values", "want"),
+    [
+        ("entropy", "entropy", [0.1, 2.0, 1.0, None], ["b", "c"]),
+        ("least_confidence", "least_confidence", [0.5, 0.2, 0.9, 0.1], ["c", "a"]),
+        # margin: the smallest gap ranks first
+        ("margin", "margin", [0.5, 0.05, 0.9, 0.01], ["d", "b"]),
+        ("learning_loss", "predicted_loss", [3.0, 1.0, 2.0, float("nan")], ["a", "c"]),
+    ],
+)
+def test_select_by_strategy_column(tmp_path, strategy, column, values, want):
+    path = write_score_file(tmp_path / "scores.parquet", ["a", "b", "c", "d"], **{column: values})
+    selection = select_from_score_files([path], k=2, strategy=strategy)
+    assert selection.table.column("id").to_pylist() == want
+    scores = selection.table.column("score").to_pylist()
+    assert scores == sorted(scores, reverse=True)
+    assert selection.details["strategy"] == strategy
+    predicted = selection.table.column("predicted_loss")
+    assert (predicted.null_count == 0) if strategy == "learning_loss" else (predicted.null_count == 2)
+
+
+def test_random_selection_is_seeded_and_skips_undecodable_rows(tmp_path):
+    ids = [f"id-{i:03d}" for i in range(100)]
+    reasons = [None] * 100
+    reasons[7] = "not an image"
+    path = write_score_file(tmp_path / "scores.parquet", ids, skip_reason=reasons)
+    first = select_from_score_files([path], k=99, strategy="random", seed=5).table.column("id").to_pylist()
+    again = select_from_score_files([path], k=99, strategy="random", seed=5).table.column("id").to_pylist()
+    other = select_from_score_files([path], k=10, strategy="random", seed=6).table.column("id").to_pylist()
+    assert first == again
+    assert sorted(first) == sorted(set(ids) - {"id-007"})
+    assert other != first[:10]
+
+
+def test_coreset_selection_picks_far_candidates_from_the_labeled_set(tmp_path):
+    features = [[0.0, 0.1], [10.0, 0.0], [0.0, 5.0], [9.0, 1.0], None]
+    path = write_score_file(
+        tmp_path / "scores.parquet", ["a", "b", "c", "d", "e"], skip_reason=[None, None, None, None, "broken"], features=features
+    )
+    selection = select_coreset([path], np.zeros((1, 2)), k=2)
+    assert selection.table.column("id").to_pylist() == ["b", "c"]
+    assert selection.details == {"strategy": "coreset", "rows_read": 5, "candidates": 4, "centres": 1, "feature_dim": 2}
+    assert selection.non_finite == 1
+
+
+def test_unknown_strategy_is_rejected(tmp_path):
+    path = write_score_file(tmp_path / "scores.parquet", ["a"], predicted_loss=[1.0])
+    with pytest.raises(ValueError, match="top-K strategy"):
+        select_from_score_files([path], k=1, strategy="coreset")

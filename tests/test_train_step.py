@@ -283,3 +283,48 @@ def test_augment_and_normalize_on_gpu() -> None:
 
     assert gpu_result.device.type == "cuda"
     assert torch.allclose(gpu_result.cpu(), cpu_result)
+
+
+def test_baseline_objective_has_no_ranking_term(batch: tuple) -> None:
+    images, targets = batch
+    baseline = build_learner(TASK, ModelConfig(width=4, loss_module_dim=8), loss_module=False)
+    config = dataclasses.replace(CONFIG, loss_weight=1.0)
+
+    losses = compute_losses(baseline, images, targets, TASK, epoch=0, config=config)
+    losses.total.backward()
+
+    assert baseline.loss_module is None
+    assert losses.ranking_loss is None and losses.predicted_loss is None
+    assert torch.equal(losses.total, losses.target_loss)
+    # The gradient is that of the target loss alone: the same as a plain
+    # network with the same weights trained on cross-entropy.
+    plain = build_learner(TASK, ModelConfig(width=4, loss_module_dim=8), loss_module=False)
+    plain.load_state_dict(baseline.state_dict())
+    torch.nn.functional.cross_entropy(plain.target(images)[0], targets).backward()
+    for (name, got), (_, want) in zip(baseline.target.named_parameters(), plain.target.named_parameters()):
+        assert torch.allclose(got.grad, want.grad), name
+
+
+def test_baseline_gradient_differs_from_learning_loss_before_the_stop(batch: tuple) -> None:
+    images, targets = batch
+    with_module = build_learner(TASK, ModelConfig(width=4, loss_module_dim=8))
+    baseline = build_learner(TASK, ModelConfig(width=4, loss_module_dim=8), loss_module=False)
+    baseline.target.load_state_dict(with_module.target.state_dict())
+
+    compute_losses(with_module, images, targets, TASK, epoch=0, config=CONFIG).total.backward()
+    compute_losses(baseline, images, targets, TASK, epoch=0, config=CONFIG).total.backward()
+
+    stem_with = with_module.target.stem[0].weight.grad
+    stem_without = baseline.target.stem[0].weight.grad
+    assert not torch.allclose(stem_with, stem_without)
+
+
+def test_predict_matches_forward(learner: LossLearner, batch: tuple) -> None:
+    images, _ = batch
+    learner.eval()
+    with torch.no_grad():
+        outputs, predicted = learner(images)
+        logits, predicted_again, embedding = learner.predict(images)
+    assert torch.allclose(outputs, logits)
+    assert torch.allclose(predicted, predicted_again)
+    assert embedding.shape == (8, learner.target.embedding_dim)
