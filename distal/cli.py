@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 
 from distal.progress import configure_logging
 
@@ -100,6 +101,27 @@ def run_pool_import(args: argparse.Namespace) -> int:
     else:
         summary = pool_import.import_torchvision(args.name, args.root, args.out, train=not args.test_split, download=args.download, **common)
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def run_pool_synth(args: argparse.Namespace) -> int:
+    from distal.synth import synthesize_pool
+
+    start = time.monotonic()
+    info = synthesize_pool(
+        args.out,
+        args.rows,
+        image_size=args.image_size,
+        channels=args.channels,
+        image_format=args.format,
+        classes=args.classes,
+        seed=args.seed,
+        rows_per_shard=args.rows_per_shard,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    summary = {"pool": info.path, "rows": info.num_rows, "shards": len(info.shards), "seconds": round(time.monotonic() - start, 1)}
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -290,6 +312,24 @@ def build_parser() -> argparse.ArgumentParser:
             help="do nothing when complete pools already exist at --out (and --eval-out), so the command can be rerun",
         )
         sub.set_defaults(handler=run_pool_import)
+
+    synth = pool_commands.add_parser(
+        "synth",
+        help="write a synthetic pool of random encoded images, for scale benchmarks only",
+        description="Write a pool of synthetic labeled images (random gradients plus noise) in parallel. "
+        "For benchmarks of reading, decoding, scoring and selection at scale; the images mean nothing.",
+    )
+    synth.add_argument("--out", required=True, help="pool URI to write (local path or s3://...)")
+    synth.add_argument("--rows", type=int, required=True, help="images to write, for example 1000000")
+    synth.add_argument("--image-size", type=int, default=32, help="height and width in pixels (default: 32)")
+    synth.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1 (grayscale) or 3 (RGB) (default: 3)")
+    synth.add_argument("--format", choices=("png", "jpeg"), default="png", help="image encoding (default: png)")
+    synth.add_argument("--classes", type=int, default=10, help="number of classes (default: 10)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of images and labels (default: 0)")
+    synth.add_argument("--rows-per-shard", type=int, default=1000, help="rows per shard file (default: 1000)")
+    synth.add_argument("--workers", type=int, help="encoding processes (default: every CPU)")
+    synth.add_argument("--overwrite", action="store_true", help="replace an existing complete pool")
+    synth.set_defaults(handler=run_pool_synth)
     return parser
 
 

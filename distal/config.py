@@ -82,6 +82,12 @@ class TrainConfig:
         checkpoint_every: epochs between checkpoints; a job killed during
             training resumes from the last one. The final epoch always
             writes one.
+        in_memory_mb: each worker holds its share of the decoded labeled set
+            in memory when it is at most this many MB, and shuffles it
+            there every epoch; a larger share streams from Ray Data every
+            epoch, which costs a restart of the stream per epoch.
+        bf16: train under bfloat16 autocast on CUDA workers (ignored on
+            the CPU). Scoring always uses bfloat16 autocast on CUDA.
         warm_start: start each cycle after the first from the previous
             cycle's model (both modules) instead of a fresh initialization.
             The paper retrains from scratch; the manifest records which.
@@ -102,6 +108,8 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool | None = None
     checkpoint_every: int = 10
+    in_memory_mb: float = 4096.0
+    bf16: bool = False
     warm_start: bool = False
 
 
@@ -215,6 +223,7 @@ def validate(config: Config) -> None:
     _require(train.epochs >= 1, "train.epochs", train.epochs, "an integer >= 1")
     _require(train.num_workers >= 1, "train.num_workers", train.num_workers, "an integer >= 1")
     _require(train.checkpoint_every >= 1, "train.checkpoint_every", train.checkpoint_every, "an integer >= 1")
+    _require(train.in_memory_mb >= 0, "train.in_memory_mb", train.in_memory_mb, "a number of MB >= 0 (0 streams every epoch)")
     _require(train.cpus_per_worker > 0, "train.cpus_per_worker", train.cpus_per_worker, "a number > 0")
     local_batch, remainder = divmod(train.batch_size, train.num_workers)
     _require(

@@ -231,6 +231,7 @@ def _train_step(config, pool, eval_pool, run_dir: RunDirectory, cycle: int, labe
         "labeled_used": result.labeled_used,
         "skipped": [list(pair) for pair in result.skipped],
         "seconds": result.seconds,
+        "images_per_second": result.images_per_second,
     }
     write_json_atomic(run_dir.fs, record_path, record)
     log.info("stage=train cycle=%d done seconds=%.1f %s", cycle, result.seconds, " ".join(f"{k}={v:.4g}" for k, v in result.metrics.items()))
@@ -278,6 +279,7 @@ def run_cycle(config: Config, pool: PoolInfo, eval_pool: PoolInfo | None, run_di
 
     trained = _train_step(config, pool, eval_pool, run_dir, cycle, labels, seed)
     timings["train_s"] = trained["seconds"]
+    timings["train_images_per_second"] = trained.get("images_per_second", 0.0)
     model_uri = run_dir.uri_of("cycles", f"{cycle:04d}", MODEL_FILE)
 
     step = time.monotonic()

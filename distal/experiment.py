@@ -207,7 +207,7 @@ def result_row(strategy: str, trial: int, manifest: dict[str, Any]) -> dict[str,
         "train_s": timings.get("train_s"),
         "score_s": timings.get("score_s"),
         "select_s": timings.get("select_s"),
-        "cycle_s": float(sum(timings.values())),
+        "cycle_s": float(sum(timings.get(key, 0.0) for key in ("train_s", "candidates_s", "score_s", "select_s"))),
     }
 
 

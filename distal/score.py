@@ -148,22 +148,20 @@ class LossScorer:
         import torch
 
         from distal.acquisition import uncertainty_scores
-        from distal.train_step import normalize
 
         ok = batch["skip_reason"] == ""  # [B] rows that decoded
         has_loss_module = self.learner.loss_module is not None
         columns = {name: np.full(len(ok), np.nan) for name in ("predicted_loss", "entropy", "least_confidence", "margin")}
         embeddings = None
         if ok.any():
-            with torch.inference_mode():
-                images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).to(self.device)  # [n_ok, C, H, W]
-                logits, predicted, embedding = self.learner.predict(normalize(images))  # [n_ok, C'], [n_ok], [n_ok, D]
-                for name, values in uncertainty_scores(logits.double().cpu().numpy()).items():
-                    columns[name][ok] = values
-                if has_loss_module:
-                    columns["predicted_loss"][ok] = predicted.double().cpu().numpy()
-                if self.features:
-                    embeddings = embedding.float().cpu().numpy()  # [n_ok, D]
+            images = torch.from_numpy(np.ascontiguousarray(batch["image"][ok]))  # [n_ok, C, H, W] uint8
+            logits, predicted, embedding = forward_batch(self.learner, images, self.device)  # [n_ok, C'], [n_ok], [n_ok, D]
+            for name, values in uncertainty_scores(logits.double().cpu().numpy()).items():
+                columns[name][ok] = values
+            if has_loss_module:
+                columns["predicted_loss"][ok] = predicted.double().cpu().numpy()
+            if self.features:
+                embeddings = embedding.cpu().numpy()  # [n_ok, D]
         table = {"id": pa.array(batch["id"].tolist(), pa.string())}
         for name, values in columns.items():
             missing = ~ok if name != "predicted_loss" or has_loss_module else np.ones(len(ok), dtype=bool)
@@ -174,6 +172,28 @@ class LossScorer:
         if self.features:
             table[FEATURES_COLUMN] = _features_array(embeddings, ok)
         return pa.table(table, schema=score_schema(self.features))
+
+
+def forward_batch(learner, images, device):
+    """Run one scoring forward pass on uint8 images [B, C, H, W]; return float32 logits, predicted loss (or None) and features.
+
+    On CUDA the images go channels-last and the model runs under bfloat16
+    autocast; on the CPU it runs in float32. The benchmarks call this too,
+    so they measure the scorer's own forward pass.
+    """
+    import torch
+
+    from distal.train_step import normalize
+
+    with torch.inference_mode():
+        inputs = normalize(images.to(device, non_blocking=True))  # [B, C, H, W] float32
+        if device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits, predicted, embedding = learner.predict(inputs)
+        else:
+            logits, predicted, embedding = learner.predict(inputs)
+        return logits.float(), None if predicted is None else predicted.float(), embedding.float()
 
 
 def _features_array(embeddings: np.ndarray | None, ok: np.ndarray) -> pa.Array:
@@ -240,7 +260,11 @@ def score_pool(
 def _finished_shards(run: RunDirectory, scores_dir: str, expected: dict[str, int]) -> set[str]:
     """Return shards whose score file exists; delete anything else left in the scores folder."""
     done = set()
-    for path in run.fs.ls(scores_dir, detail=False):
+    try:
+        entries = run.fs.ls(scores_dir, detail=False)
+    except FileNotFoundError:  # an object store has no empty folders
+        entries = []
+    for path in entries:
         name = shard_name(path)
         if name in expected:
             done.add(name)

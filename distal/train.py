@@ -30,6 +30,7 @@ from distal.pool import PoolInfo
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "model.pt"
+THROUGHPUT_KEY = "train_images_per_second"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class TrainResult:
         labeled_used: labeled images trained on.
         skipped: (id, reason) of labeled images that could not be decoded.
         seconds: wall time of the training run.
+        images_per_second: training images per second over all workers,
+            counting training batches only (0 when resumed after the last epoch).
     """
 
     checkpoint_uri: str
@@ -58,6 +61,7 @@ class TrainResult:
     labeled_used: int
     skipped: list[tuple[str, str]]
     seconds: float
+    images_per_second: float = 0.0
 
 
 def resolve_use_gpu(requested: bool | None) -> bool:
@@ -259,7 +263,8 @@ def train(
         raise RuntimeError(f"Training run {name} in {storage_uri} ended without a checkpoint; see the worker logs above.")
     checkpoint_uri = _checkpoint_uri(result.checkpoint, storage_uri, storage_path)
     metrics = {key: value if isinstance(value, int) else float(value) for key, value in result.metrics.items() if isinstance(value, (int, float))}
-    return TrainResult(checkpoint_uri, metrics, labeled_used, skipped, time.monotonic() - start)
+    rate = metrics.pop(THROUGHPUT_KEY, 0.0)
+    return TrainResult(checkpoint_uri, metrics, labeled_used, skipped, time.monotonic() - start, rate)
 
 
 def _ingest_options():
@@ -321,25 +326,28 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("stage=train action=warm_start from=%s", loop_config["init_uri"])
     device = ray.train.torch.get_device()
+    bf16 = train_cfg.bf16 and device.type == "cuda"
+    if train_cfg.bf16 and not bf16 and rank == 0:
+        log.warning("stage=train train.bf16=true is ignored: the workers have no CUDA device, so training runs in float32")
     learner = ray.train.torch.prepare_model(model)
     local_batch = train_cfg.batch_size // world
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if loop_config["has_eval"] else None
+    shard_bytes = loop_config["labeled"] * int(np.prod(spec.image_size)) * spec.in_channels / world
+    in_memory = _load_shard(train_shard) if shard_bytes <= train_cfg.in_memory_mb * 2**20 else None
+    if rank == 0:
+        log.info("stage=train labeled_shard=%s shard_mb=%.1f", "in_memory" if in_memory else "streamed", shard_bytes / 2**20)
     epoch_start = time.monotonic()
+    loop_seconds, loop_samples = 0.0, 0.0  # training batches only: no eval, no checkpoint
 
     for epoch in range(first_epoch, train_cfg.epochs):
+        loop_start = time.monotonic()
         learner.train()
-        # Seeding per epoch and rank makes augmentation reproducible after a
-        # resume without saving every worker's generator state.
+        # Seeding per epoch and rank makes augmentation and batch order
+        # reproducible after a resume without saving generator states.
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + rank)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # target loss sum, ranking loss sum, samples
-        for batch in train_shard.iter_torch_batches(
-            batch_size=local_batch,
-            local_shuffle_buffer_size=max(4 * local_batch, 256),
-            local_shuffle_seed=seed * 100_003 + epoch * 101 + rank,
-            dtypes={"image": torch.uint8, "label": torch.int64},
-            device=device,
-        ):
+        for batch in _epoch_batches(train_shard, in_memory, local_batch, seed * 100_003 + epoch * 101 + rank, device):
             images, targets = batch["image"], batch["label"]
             usable = images.shape[0] - images.shape[0] % 2
             if usable == 0:
@@ -347,7 +355,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             images, targets = images[:usable], targets[:usable]
             if train_cfg.augment:
                 images = augment_batch(images, generator)
-            losses = compute_losses(learner, normalize(images), targets, task, epoch=epoch, config=train_cfg)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                losses = compute_losses(learner, normalize(images), targets, task, epoch=epoch, config=train_cfg)
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             optimizer.step()
@@ -360,16 +369,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         scheduler.step()
         if world > 1:
             dist.all_reduce(sums)
+        loop_seconds += time.monotonic() - loop_start
+        loop_samples += sums[2].item()
         samples = max(sums[2].item(), 1.0)
         metrics = {"epoch": epoch + 1, "target_loss": sums[0].item() / samples}
         if with_loss_module:
             metrics["ranking_loss"] = sums[1].item() / samples
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         final = epoch == train_cfg.epochs - 1
+        if final:
+            # All workers' images per second of training batches; it varies
+            # from run to run, so cycle.py records it with the timings.
+            metrics[THROUGHPUT_KEY] = loop_samples / max(loop_seconds, 1e-9)
         if final and eval_shard is not None:
             metrics.update(_evaluate(learner, task, eval_shard, device, world))
         if rank == 0:
             _log_epoch(metrics, train_cfg.epochs, epoch_start, first_epoch)
+        # NOTE: report only with a checkpoint. ray.train.report waits until
+        # Ray Train's controller collects the previous report, and the
+        # controller polls every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a
+        # report per epoch made each short epoch last 2 s. Rank 0 logs every
+        # epoch's metrics itself.
         if final or (epoch + 1) % train_cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as directory:
                 checkpoint = None
@@ -377,8 +397,38 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                     save_checkpoint(directory, model, model_config, spec, epoch + 1, optimizer, scheduler)
                     checkpoint = ray.train.Checkpoint.from_directory(directory)
                 ray.train.report(metrics, checkpoint=checkpoint)
-        else:
-            ray.train.report(metrics)
+
+
+def _load_shard(shard) -> dict[str, torch.Tensor]:
+    """Read a worker's whole labeled shard once, in its fixed block order, as uint8 images and int64 labels on the CPU."""
+    images, labels = [], []
+    for batch in shard.iter_torch_batches(batch_size=4096, dtypes={"image": torch.uint8, "label": torch.int64}):
+        images.append(batch["image"])  # [b, C, H, W]
+        labels.append(batch["label"])  # [b]
+    return {"image": torch.cat(images), "label": torch.cat(labels)}
+
+
+def _epoch_batches(shard, in_memory: dict[str, torch.Tensor] | None, batch_size: int, seed: int, device):
+    """Yield one epoch of shuffled batches on ``device``.
+
+    A shard held in memory is permuted with a generator seeded by epoch and
+    rank, which costs nothing per epoch. A shard too large for
+    ``train.in_memory_mb`` streams from Ray Data through a seeded local
+    shuffle buffer, which restarts the stream every epoch.
+    """
+    if in_memory is None:
+        yield from shard.iter_torch_batches(
+            batch_size=batch_size,
+            local_shuffle_buffer_size=max(4 * batch_size, 256),
+            local_shuffle_seed=seed,
+            dtypes={"image": torch.uint8, "label": torch.int64},
+            device=device,
+        )
+        return
+    order = torch.randperm(len(in_memory["label"]), generator=torch.Generator().manual_seed(seed))  # [N]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]  # [b]
+        yield {name: values[rows].to(device, non_blocking=True) for name, values in in_memory.items()}
 
 
 def _quiet_train_reports() -> None:

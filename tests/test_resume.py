@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -91,9 +92,27 @@ def assert_same_result(run_dir: Path, baseline: Path) -> None:
     cycle, expected = run_dir / "cycles" / "0001", baseline / "cycles" / "0001"
     assert (cycle / "_COMPLETE").exists()
     assert comparable(cycle / "manifest.json") == comparable(expected / "manifest.json")
-    assert pq.read_table(cycle / "selected.parquet").equals(pq.read_table(expected / "selected.parquet"))
+    got, want = pq.read_table(cycle / "selected.parquet"), pq.read_table(expected / "selected.parquet")
+    assert got.select(["rank", "id"]).equals(want.select(["rank", "id"]))
+    # A rescored shard meets the model in other batches, and CPU kernels
+    # chosen by batch size can change a score in its last bits.
+    np.testing.assert_allclose(got.column("score").to_numpy(), want.column("score").to_numpy(), rtol=1e-6)
     for labels in ("initial.parquet", "cycle-0001.parquet"):
         assert pq.read_table(run_dir / "labels" / labels).equals(pq.read_table(baseline / "labels" / labels))
+
+
+def registered_epoch(train_dir: Path) -> int:
+    """Return the epoch of the latest checkpoint Ray Train has registered (0 before the first).
+
+    A checkpoint folder appears before Ray Train's controller registers it,
+    and a resume only sees registered checkpoints.
+    """
+    try:
+        snapshot = json.loads((train_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int(latest.get("metrics", {}).get("epoch", 0))
 
 
 def test_kill_during_training_resumes(mnist_pools, baseline, tmp_path):
@@ -102,7 +121,7 @@ def test_kill_during_training_resumes(mnist_pools, baseline, tmp_path):
     config = job_config(tmp_path, pool, eval_pool, run_dir)
     train_dir = run_dir / "cycles" / "0001" / "train"
     process = start_job(config)
-    kill_when(process, lambda: len(list(train_dir.glob("checkpoint_*/model.pt"))) >= 2)
+    kill_when(process, lambda: registered_epoch(train_dir) >= 2)
     assert not (run_dir / "cycles" / "0001" / "train.json").exists()
 
     code, output = finish(start_job(config))
