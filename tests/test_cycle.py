@@ -295,3 +295,29 @@ def test_scorer_output_follows_ids_not_positions(finished_run):
     assert permuted.pop("img-15") is None
     assert permuted == pytest.approx(by_id)
     assert len({round(score, 6) for score in by_id.values()}) > 1
+
+
+def test_warm_start_continues_from_previous_model(ray_cluster, mnist_pools, tmp_path):
+    pool, eval_pool = mnist_pools
+    config = tiny_config(tmp_path / "run", pool, eval_pool, **{"train.warm_start": "true", "select.strategy": "margin"})
+    records = cycle_module.run(config)
+    assert [record.manifest["train"] for record in records] == [
+        {"init": "scratch", "loss_module": False},
+        {"init": "cycles/0001/model.pt", "loss_module": False},
+    ]
+    # A baseline's selection ranks the smallest softmax margin first.
+    selected = pq.read_table(RunDirectory(str(tmp_path / "run")).cycle_path(2, "selected.parquet"))
+    margins = -selected.column("score").to_numpy()
+    assert np.all(margins >= 0) and np.all(np.diff(margins) >= 0)
+    assert selected.column("predicted_loss").null_count == selected.num_rows
+    assert records[1].manifest["score_stats"]["column"] == "margin"
+
+
+def test_warm_start_without_previous_model_fails(ray_cluster, mnist_pools, tmp_path):
+    pool, eval_pool = mnist_pools
+    config = tiny_config(tmp_path / "run", pool, eval_pool, **{"train.warm_start": "true", "cycles": "1"})
+    cycle_module.run(config)
+    run_dir = RunDirectory(str(tmp_path / "run"))
+    run_dir.fs.rm(run_dir.cycle_path(1, "model.pt"))
+    with pytest.raises(cycle_module.CycleError, match="previous cycle's model"):
+        cycle_module.run_cycle(config, pool, eval_pool, run_dir, 2)
