@@ -588,3 +588,15 @@ def test_s3_run_directory(s3_bucket, tmp_path):
 
     with pytest.raises(ExportError, match="Cycle 2 not found"):
         export_selection(run, 2)
+
+
+def test_baseline_selection_exports_empty_predicted_loss(tmp_path, pool):
+    # A baseline strategy trains no loss module, so its selection has null predicted losses.
+    run = tmp_path / "baseline-run"
+    make_cycle(run, 1, [(1, "mnist-00007", None), (2, "mnist-00150", None)], pool)
+    written = export_selection(str(run), 1)
+
+    rows = read_csv(written["csv"])
+    assert [row["id"] for row in rows] == ["mnist-00007", "mnist-00150"]
+    assert [row["predicted_loss"] for row in rows] == ["", ""]
+    assert [record["predicted_loss"] for record in read_jsonl(written["jsonl"])] == [None, None]
