@@ -54,9 +54,9 @@ def test_k_center_greedy_picks_the_farthest_points():
     centres = np.array([[0.0, 0.0]])
     candidates = np.array([[1.0, 0.0], [10.0, 0.0], [0.0, 5.0], [9.0, 1.0], [0.5, 0.5]])
     picks, distances = acquisition.k_center_greedy(centres, candidates, 3)
-    # (10, 0) is farthest from the origin; then (0, 5), 5 from the origin and
-    # about 11.2 from (10, 0); then (9, 1)'s nearest centre is (10, 0) at
-    # about 1.41, against 1.0 for (1, 0).
+    # (10, 0) is farthest from the origin. Next comes (0, 5): 5 from the origin
+    # and about 11.2 from (10, 0). Last, the nearest centre of (9, 1) is
+    # (10, 0) at about 1.41, and (1, 0) is only 1.0 from the origin.
     assert picks.tolist() == [1, 2, 3]
     np.testing.assert_allclose(distances, [10.0, 5.0, math.sqrt(2.0)])
     assert np.all(np.diff(distances) <= 0)
@@ -122,7 +122,8 @@ def test_ranking_accuracy_rejects_mismatched_arrays():
 def test_random_scores_are_uniform_in_unit_interval():
     hashes = np.random.default_rng(1).integers(0, 2**63, size=20_000, dtype=np.uint64) * np.uint64(2)
     scores = acquisition.random_scores(hashes)
-    assert scores.min() >= 0.0 and scores.max() < 1.0
+    assert scores.min() >= 0.0
+    assert scores.max() < 1.0
     assert abs(scores.mean() - 0.5) < 0.01
 
 

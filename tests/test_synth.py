@@ -17,12 +17,14 @@ def test_synthetic_pool_is_a_valid_decodable_pool(tmp_path, image_format, channe
     info = synthesize_pool(str(tmp_path / "pool"), 250, image_size=size, channels=channels, image_format=image_format, rows_per_shard=100, workers=2)
     checked = validate_pool(str(tmp_path / "pool"), require_label=True)
     assert (checked.num_rows, len(checked.shards)) == (250, 3)
-    assert checked.channels == channels and tuple(checked.image_size) == (size, size)
+    assert checked.channels == channels
+    assert tuple(checked.image_size) == (size, size)
     table = pq.read_table(info.shards[0])
     assert table.column("id").to_pylist()[:2] == ["synth-00000000", "synth-00000001"]
     decoded = decode_batch(table.column("id").to_pylist(), table.column("image").to_pylist(), channels, (size, size))
     assert decoded.pixels.shape == (100, channels, size, size)
-    assert not decoded.skipped and not decoded.conversions
+    assert not decoded.skipped
+    assert not decoded.conversions
     assert decoded.pixels.std() > 10  # images, not blank arrays
     assert set(table.column("label").to_pylist()) <= set(range(10))
 
