@@ -19,12 +19,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 cpus=$(nproc)
 
 if [ ! -f "$pool/_distal_pool.json" ]; then
-    timeout 180 "$python" -m distal.cli pool synth --out "$pool" --rows 50000 --image-size 32 --overwrite
+    timeout 120 "$python" -m distal.cli pool synth --out "$pool" --rows 50000 --image-size 32 --overwrite
 fi
 # The model gets a quarter of the CPUs for its thread pool; the rest decode.
 threads=$(( cpus / 4 > 0 ? cpus / 4 : 1 ))
 loaders=$(( cpus - threads > 0 ? cpus - threads : 1 ))
-timeout 240 "$python" bench/scoring.py --pool "$pool" --width 64 --batch-size 512 \
+timeout 210 "$python" bench/scoring.py --pool "$pool" --width 64 --batch-size 512 \
     --threads "$threads" --loader-workers "$loaders" --forward-rows 20000
-timeout 150 "$python" bench/training.py --pool "$pool" --labeled 10000 --epochs 2 --width 64 \
+timeout 120 "$python" bench/training.py --pool "$pool" --labeled 10000 --epochs 2 --width 64 \
     --batch-size 128 --workers 1 --bf16
