@@ -82,7 +82,7 @@ class TrainConfig:
         checkpoint_every: epochs between checkpoints; a job killed during
             training resumes from the last one. The final epoch always
             writes one.
-        in_memory_mb: each worker holds its share of the decoded labeled set
+        in_memory_mb: each worker keeps its share of the decoded labeled set
             in memory when it is at most this many MB, and shuffles it
             there every epoch; a larger share streams from Ray Data every
             epoch, which costs a restart of the stream per epoch.

@@ -151,8 +151,8 @@ def select_coreset(files: Iterable[str], centres: np.ndarray, k: int, filesystem
     """Select ``k`` scored candidates by k-center greedy on their penultimate-layer features.
 
     Core-set selection (Sener and Savarese, ICLR 2018) needs every
-    candidate's features at once, so it runs on the scored subset only; its
-    memory is candidates x feature size.
+    candidate's features at once, so it runs on the scored subset only. Its
+    memory grows as candidates x feature size.
 
     Args:
         files: score files with ``id``, ``skip_reason`` and ``features`` columns.
