@@ -278,7 +278,8 @@ def plot_accuracy(table: pa.Table, name: str) -> bytes:
     for strategy, entries in aggregate(table, "eval_accuracy").items():
         labeled = [entry[1] for entry in entries]
         mean = [100 * entry[2] for entry in entries]
-        axes.plot(labeled, mean, marker="o", markersize=3, label=f"{strategy} ({max(e[5] for e in entries)} trials)")
+        trials = max(entry[5] for entry in entries)
+        axes.plot(labeled, mean, marker="o", markersize=3, label=f"{strategy} ({trials} trial{'s' if trials > 1 else ''})")
         axes.fill_between(labeled, [100 * entry[3] for entry in entries], [100 * entry[4] for entry in entries], alpha=0.2)
     axes.set_xlabel("labeled images")
     axes.set_ylabel("held-out accuracy (%)")
@@ -292,11 +293,14 @@ def plot_ranking_accuracy(table: pa.Table, name: str) -> bytes | None:
     if not stats:
         return None
     figure, axes = _figure()
+    from matplotlib.ticker import MaxNLocator
+
     for strategy, entries in stats.items():
         cycles = [entry[0] for entry in entries]
         axes.plot(cycles, [entry[2] for entry in entries], marker="o", markersize=3, label=strategy)
         axes.fill_between(cycles, [entry[3] for entry in entries], [entry[4] for entry in entries], alpha=0.2)
     axes.axhline(0.5, color="grey", linewidth=0.8, linestyle="--", label="chance")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("cycle")
     axes.set_ylabel("ranking accuracy over held-out pairs")
     axes.set_title(f"{name}: loss-prediction ranking accuracy")
