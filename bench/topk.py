@@ -8,7 +8,7 @@ Writes ``--rows`` random scores (with ids) as score files, then times:
   descending=True).limit(K)``, a full distributed sort.
 
 Both must return the same ids (ties in the random scores are vanishingly
-rare; the check says if one occurs). Run from the repository root:
+rare; the result line reports whether one occurred). Run from the repository root:
 
     .venv/bin/python bench/topk.py --rows 1000000 --k 10000
 """

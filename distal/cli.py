@@ -13,17 +13,22 @@ from distal.progress import configure_logging
 log = logging.getLogger("distal.cli")
 
 
-def add_cycle_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of a cycle run (shared by ``distal cycle`` and ``jobs/cycle.py``)."""
-    parser.add_argument("--config", help="YAML configuration file; keys not given keep their defaults")
+def add_set_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """Add the repeatable ``--set KEY=VALUE`` override option, with ``example`` in its help."""
     parser.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override one configuration key (dotted, YAML value), for example --set train.epochs=5; repeatable",
+        help=f"override one configuration key (dotted, YAML value), for example {example}; repeatable",
     )
+
+
+def add_cycle_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of a cycle run (shared by ``distal cycle`` and ``jobs/cycle.py``)."""
+    parser.add_argument("--config", help="YAML configuration file; keys not given keep their defaults")
+    add_set_argument(parser, "--set train.epochs=5")
     parser.add_argument("--run-dir", help="run directory URI (sets run_dir)")
     parser.add_argument("--cycles", type=int, help="cycles the run directory should hold when the job ends (sets cycles)")
     parser.add_argument("--oracle", action="store_true", default=None, help="simulation: label selections from the pool's label column (sets oracle=true)")
@@ -184,14 +189,7 @@ def run_from_label_studio(args: argparse.Namespace) -> int:
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of an experiment (shared by ``distal experiment`` and ``jobs/experiment.py``)."""
     parser.add_argument("config", help="experiment YAML file, for example configs/mnist-cpu.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one experiment key (dotted, YAML value), for example --set trials=1 --set run.train.epochs=5; repeatable",
-    )
+    add_set_argument(parser, "--set trials=1 --set run.train.epochs=5")
     parser.add_argument("--out-dir", help="experiment folder URI (sets out_dir)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the results table, summary and plots from the runs found; run nothing")
 

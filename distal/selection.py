@@ -116,7 +116,7 @@ def select_from_score_files(
     """Stream score Parquet files and return the global top-K of a per-image strategy.
 
     Each file is read batch by batch (only the columns needed), so the driver
-    holds at most K entries plus one batch however large the pool.
+    keeps at most K entries plus one batch however large the pool.
 
     Args:
         files: score files with an ``id`` column and the strategy's column.

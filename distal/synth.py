@@ -1,6 +1,6 @@
 """Synthetic pools for scale benchmarks: real encoded images, sharded Parquet, written in parallel.
 
-The images are random, so a synthetic pool says nothing about accuracy; it
+The images are random, so a synthetic pool tells nothing about accuracy. It
 exists to measure reading, decoding, scoring and selection at sizes the real
 data in ``../shared/data`` does not reach (a million rows and more). Each
 image is a smooth class-dependent gradient plus noise, so PNG and JPEG sizes

@@ -308,7 +308,8 @@ def test_warm_start_continues_from_previous_model(ray_cluster, mnist_pools, tmp_
     # A baseline's selection ranks the smallest softmax margin first.
     selected = pq.read_table(RunDirectory(str(tmp_path / "run")).cycle_path(2, "selected.parquet"))
     margins = -selected.column("score").to_numpy()
-    assert np.all(margins >= 0) and np.all(np.diff(margins) >= 0)
+    assert np.all(margins >= 0)
+    assert np.all(np.diff(margins) >= 0)
     assert selected.column("predicted_loss").null_count == selected.num_rows
     assert records[1].manifest["score_stats"]["column"] == "margin"
 

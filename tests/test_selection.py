@@ -98,8 +98,9 @@ def test_select_from_score_files_streams_all_files(tmp_path):
 
 def write_score_file(path, ids, **columns):
     table = {"id": pa.array(ids, pa.string())}
+    types = {"features": pa.list_(pa.float32()), "skip_reason": pa.string()}
     for name, values in columns.items():
-        table[name] = pa.array(values, pa.list_(pa.float32()) if name == "features" else (pa.string() if name == "skip_reason" else pa.float64()))
+        table[name] = pa.array(values, types.get(name, pa.float64()))
     pq.write_table(pa.table(table), path)
     return str(path)
 

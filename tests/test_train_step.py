@@ -294,7 +294,8 @@ def test_baseline_objective_has_no_ranking_term(batch: tuple) -> None:
     losses.total.backward()
 
     assert baseline.loss_module is None
-    assert losses.ranking_loss is None and losses.predicted_loss is None
+    assert losses.ranking_loss is None
+    assert losses.predicted_loss is None
     assert torch.equal(losses.total, losses.target_loss)
     # The gradient is that of the target loss alone: the same as a plain
     # network with the same weights trained on cross-entropy.
