@@ -7,16 +7,20 @@ the model. A row whose image cannot be decoded is kept with zero pixels and a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from distal.images import decode_batch
-from distal.pool import PoolInfo
+from distal.pool import PoolInfo, open_fs
 
 SHARD_COLUMN = "path"
+LOAD_ROWS = 1024  # rows a loader task reads and decodes at a time
+LOADER_BASE_BYTES = 256 * 2**20  # a Ray worker with pyarrow and numpy loaded: about 135 MiB measured
 
 
 def read_pool(info: PoolInfo, columns: list[str], shards: list[str] | None = None) -> Any:
@@ -28,6 +32,53 @@ def read_pool(info: PoolInfo, columns: list[str], shards: list[str] | None = Non
     # images) and lets every shard be decoded in parallel.
     dataset = ray.data.read_parquet(shards, include_paths=True, override_num_blocks=len(shards))
     return dataset.select_columns([*columns, SHARD_COLUMN])
+
+
+def load_shards(info: PoolInfo, shards: list[str], keep: pa.Array | None = None, drop: pa.Array | None = None) -> Any:
+    """Return a Ray Dataset of the decoded rows of some shards, with one loader task per shard.
+
+    Each task reads its shard ``LOAD_ROWS`` rows at a time, keeps the ids in
+    ``keep`` (or drops those in ``drop``) and decodes what is left, so memory
+    per task is bounded by a chunk, not by the shard. The rows of a shard
+    arrive together in one block: enough blocks to keep every scoring actor
+    busy, and score files that complete one by one as the pool streams.
+    ``ray.data.read_parquet`` would instead merge shards into blocks of up
+    to 128 MiB, which on CIFAR-10's 50,000 images is one block for one actor.
+    """
+    import ray.data
+
+    height, width = info.image_size
+    chunk_bytes = LOAD_ROWS * info.channels * height * width  # decoded uint8 pixels of one chunk
+    items = [{"shard": shard} for shard in shards]
+    return ray.data.from_items(items, override_num_blocks=max(len(items), 1)).map_batches(
+        _load_shard,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"channels": info.channels, "image_size": tuple(info.image_size), "keep": keep, "drop": drop},
+        # Ray Data fuses a task stage into the actor stage after it when
+        # their resource requests are equal, and would then decode inside the
+        # scoring actor, in series with the model. Declaring the loader's
+        # memory (the worker, plus encoded and decoded chunk and the block it
+        # builds) keeps the two apart, so decoding runs beside the model.
+        memory=LOADER_BASE_BYTES + 4 * chunk_bytes,
+    )
+
+
+def _load_shard(
+    batch: dict[str, np.ndarray], channels: int, image_size: tuple[int, int], keep: pa.Array | None, drop: pa.Array | None
+) -> Iterator[dict[str, np.ndarray]]:
+    for shard in batch["shard"]:
+        fs, path = open_fs(str(shard))
+        with fs.open(path, "rb") as handle:
+            for chunk in pq.ParquetFile(handle).iter_batches(batch_size=LOAD_ROWS, columns=["id", "image"]):
+                table = pa.Table.from_batches([chunk])
+                if keep is not None:
+                    table = keep_ids(table, keep)
+                if drop is not None:
+                    table = drop_ids(table, drop)
+                if table.num_rows:
+                    table = table.append_column(SHARD_COLUMN, pa.array([str(shard)] * table.num_rows, pa.string()))
+                    yield decode_rows(table, channels, image_size)
 
 
 def keep_ids(batch: pa.Table, ids: pa.Array, labels: pa.Array | None = None) -> pa.Table:

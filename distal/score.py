@@ -1,9 +1,9 @@
 """Scoring: stream the unlabeled pool through actors that score each image in one forward pass.
 
-Pipeline (Ray Data): read shards -> keep candidates (unlabeled, optionally a
-seeded random subset) -> decode in CPU tasks -> one forward pass per image in
-an actor pool (one GPU per actor when CUDA is present) -> the driver streams
-the rows into score files. A row holds the predicted loss (when the model has
+Pipeline (Ray Data): one loader task per shard reads it, keeps the candidates
+(unlabeled, optionally a seeded random subset) and decodes them -> one
+forward pass per image in an actor pool (one GPU per actor when CUDA is
+present) -> the driver streams the rows into score files. A row holds the predicted loss (when the model has
 a loss prediction module), the entropy, least confidence and margin of the
 softmax, and, for core-set selection, the penultimate-layer features. Every
 score carries its id; positions in a batch are never used to attach a score
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from distal import failpoints
 from distal.acquisition import hash_ids
 from distal.config import ScoreConfig
-from distal.datasets import decode_rows, drop_ids, keep_ids, read_pool
+from distal.datasets import load_shards
 from distal.pool import PoolInfo, open_fs
 from distal.progress import Progress
 from distal.rundir import RunDirectory, SCORES_MARKER, write_bytes_atomic, write_json_atomic
@@ -274,23 +274,13 @@ def _finished_shards(run: RunDirectory, scores_dir: str, expected: dict[str, int
 
 
 def _scoring_dataset(info: PoolInfo, shards: list[str], keep: pa.Array | None, drop: pa.Array | None, checkpoint_uri: str, config: ScoreConfig, features: bool):
-    """Build the Ray Data pipeline read -> keep or drop ids -> decode -> score for some shards."""
+    """Build the Ray Data pipeline load (read, keep or drop ids, decode) -> score for some shards."""
     import ray.data
 
     from distal.train import resolve_use_gpu
 
     use_gpu = resolve_use_gpu(config.use_gpu)
-    dataset = read_pool(info, ["id", "image"], shards=shards)
-    if keep is not None:
-        dataset = dataset.map_batches(keep_ids, batch_format="pyarrow", fn_kwargs={"ids": keep})
-    else:
-        dataset = dataset.map_batches(drop_ids, batch_format="pyarrow", fn_kwargs={"ids": drop})
-    dataset = dataset.map_batches(
-        decode_rows,
-        batch_format="pyarrow",
-        fn_kwargs={"channels": info.channels, "image_size": tuple(info.image_size)},
-    )
-    return dataset.map_batches(
+    return load_shards(info, shards, keep=keep, drop=drop).map_batches(
         LossScorer,
         batch_format="numpy",
         batch_size=config.batch_size,
