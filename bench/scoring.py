@@ -54,8 +54,11 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def forward_rate(checkpoint: str, info, rows: int, batch_size: int, threads: int) -> float:
-    """Images per second of the scorer's forward pass (``forward_batch``) on preloaded, decoded images."""
+def forward_rate(checkpoint: str, info, rows: int, batch_size: int, threads: int, repeats: int = 3) -> float:
+    """Images per second of the scorer's forward pass (``forward_batch``) on preloaded, decoded images.
+
+    The fastest of ``repeats`` passes over the images is returned.
+    """
     torch.set_num_threads(threads)
     learner = load_learner(checkpoint)
     pixels = []
@@ -70,12 +73,15 @@ def forward_rate(checkpoint: str, info, rows: int, batch_size: int, threads: int
     if device().type == "cuda":
         images = images.pin_memory()  # as preloaded as host memory allows; the copy is part of scoring
     forward_batch(learner, images[:batch_size], device())  # warm-up
-    synchronize()
-    start = time.perf_counter()
-    for first in range(0, len(images), batch_size):
-        forward_batch(learner, images[first : first + batch_size], device())
-    synchronize()
-    return len(images) / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(repeats):  # the best pass: a ceiling, not an average
+        synchronize()
+        start = time.perf_counter()
+        for first in range(0, len(images), batch_size):
+            forward_batch(learner, images[first : first + batch_size], device())
+        synchronize()
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
 
 
 def end_to_end_rate(checkpoint: str, info, batch_size: int, actors: int, threads: int) -> tuple[float, float]:
