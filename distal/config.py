@@ -318,7 +318,7 @@ def read_mapping(path: str | None, overrides: list[str] | tuple[str, ...] = ()) 
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"Invalid override {item!r}: expected KEY=VALUE, for example train.epochs=5.")
+            raise ConfigError(f"Invalid override {item!r}: expected KEY=VALUE, a dotted key and a YAML value (see --help for an example).")
         _set_dotted(data, key.strip(), yaml.safe_load(raw))
     source = path or "defaults"
     if overrides:

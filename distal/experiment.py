@@ -137,6 +137,8 @@ def run_experiment(experiment: ExperimentConfig, report_only: bool = False) -> p
     """
     from distal import cycle
 
+    if not report_only:
+        _check_pools(run_config(experiment, experiment.strategies[0], 0))
     out = RunDirectory(experiment.out_dir)
     write_bytes_atomic(out.fs, out.path("experiment.yaml"), _dump_yaml(experiment).encode())
     total = experiment.trials * len(experiment.strategies)
@@ -157,6 +159,15 @@ def run_experiment(experiment: ExperimentConfig, report_only: bool = False) -> p
     write_report(experiment, table)
     print(format_summary(table, experiment), flush=True)
     return table
+
+
+def _check_pools(config: Config) -> None:
+    """Raise PoolError before anything is written when the pool or the held-out set is missing."""
+    from distal.pool import read_pool_info
+
+    for uri in (config.pool.path, config.pool.eval_path):
+        if uri is not None:
+            read_pool_info(uri)
 
 
 def _finished(config: Config) -> bool:
@@ -231,7 +242,8 @@ def aggregate(table: pa.Table, column: str) -> dict[str, list[tuple[int, int, fl
 
 def format_summary(table: pa.Table, experiment: ExperimentConfig) -> str:
     """Return Markdown tables: accuracy, ranking accuracy and wall time per cycle, mean (min-max) over trials."""
-    sections = [f"# {experiment.name}: {table.num_rows} cycles from {experiment.out_dir}\n"]
+    runs = len({(row["strategy"], row["trial"]) for row in table.select(["strategy", "trial"]).to_pylist()})
+    sections = [f"# {experiment.name}: {runs} runs, {table.num_rows} cycles in all, from {experiment.out_dir}\n"]
     for title, column, scale, digits in (
         ("Held-out accuracy (%), mean (min-max) over trials", "eval_accuracy", 100.0, 2),
         ("Loss-prediction ranking accuracy, mean (min-max)", "ranking_accuracy", 1.0, 3),

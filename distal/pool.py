@@ -548,7 +548,7 @@ def check_pool_destination(uri: str, overwrite: bool = False) -> None:
     if POOL_METADATA in names and not overwrite:
         raise PoolError(
             f"Cannot write pool {pool}: a complete pool already exists there. "
-            "Pass overwrite=True (--overwrite) to replace it, or choose another directory."
+            "Pass --overwrite (overwrite=True in Python) to replace it, or choose another directory."
         )
 
 

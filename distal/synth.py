@@ -60,8 +60,9 @@ def synthesize_pool(
     Raises:
         PoolError: for invalid sizes or an existing pool without ``overwrite``.
     """
-    if rows < 1 or image_size < 1 or classes < 1:
-        raise PoolError(f"Expected rows, image_size and classes >= 1, but got {rows}, {image_size} and {classes}.")
+    for name, value in (("rows", rows), ("image_size", image_size), ("classes", classes)):
+        if value < 1:
+            raise PoolError(f"Invalid {name}={value} (--{name.replace('_', '-')}): expected an integer >= 1.")
     if image_format not in FORMATS:
         raise PoolError(f"Expected an image format in {', '.join(FORMATS)}, but got {image_format!r}.")
     if channels not in (1, 3):
