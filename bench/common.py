@@ -10,6 +10,7 @@ docs/benchmarks.md together with the command and the ``machine`` record.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -45,6 +46,32 @@ def machine() -> dict:
         "ray": ray.__version__,
         "pyarrow": pyarrow.__version__,
     }
+
+
+def positive_int(text: str) -> int:
+    """Parse a command-line integer that must be at least 1 (an argparse ``type``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """Parse a comma-separated list of integers >= 1, such as ``10000,100000``."""
+    return [positive_int(part) for part in text.split(",")]
+
+
+def open_pool(parser: argparse.ArgumentParser, uri: str, require_label: bool = False):
+    """Validate the pool at ``uri``; a missing or invalid pool ends the script with the parser's usage error."""
+    from distal.pool import PoolError, validate_pool
+
+    try:
+        return validate_pool(uri, require_label=require_label)
+    except PoolError as err:
+        parser.error(str(err))
 
 
 def emit(bench: str, **fields) -> dict:

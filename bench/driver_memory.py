@@ -58,10 +58,10 @@ def measure(pool: str, k: int, width: int, batch_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default="10000,100000,1000000", help="comma-separated pool sizes (default: 10000,100000,1000000)")
-    parser.add_argument("--k", type=int, default=10_000, help="selection size (default: 10000)")
-    parser.add_argument("--width", type=int, default=4, help="ResNet-18 width (default: 4, a narrow model)")
-    parser.add_argument("--batch-size", type=int, default=512, help="images per model batch (default: 512)")
+    parser.add_argument("--rows", type=bench.positive_ints, default=[10_000, 100_000, 1_000_000], help="comma-separated pool sizes (default: 10000,100000,1000000)")
+    parser.add_argument("--k", type=bench.positive_int, default=10_000, help="selection size (default: 10000)")
+    parser.add_argument("--width", type=bench.positive_int, default=4, help="ResNet-18 width (default: 4, a narrow model)")
+    parser.add_argument("--batch-size", type=bench.positive_int, default=512, help="images per model batch (default: 512)")
     parser.add_argument("--pools-dir", default="pools/synth", help="where synthetic pools live (default: pools/synth)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -74,7 +74,7 @@ def main() -> None:
         return
 
     bench.emit("driver_memory", mode="machine", **bench.machine())
-    for rows in [int(value) for value in args.rows.split(",")]:
+    for rows in args.rows:
         pool = os.path.join(args.pools_dir, f"synth-{rows}")
         if not os.path.exists(os.path.join(pool, "_distal_pool.json")):
             subprocess.run([sys.executable, "-m", "distal.cli", "pool", "synth", "--out", pool, "--rows", str(rows), "--overwrite"], check=True)

@@ -24,7 +24,7 @@ import logging
 import tempfile
 import time
 
-import common  # noqa: F401  (puts the repository on sys.path)
+import common as bench  # also puts the repository on sys.path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +32,7 @@ import torch
 
 from distal.config import ScoreConfig
 from distal.images import decode_batch
-from distal.pool import open_fs, validate_pool
+from distal.pool import open_fs
 from distal.progress import configure_logging
 from distal.score import forward_batch
 from distal.train import load_checkpoint
@@ -84,8 +84,8 @@ def forward_rate(checkpoint: str, info, rows: int, batch_size: int, threads: int
     return best
 
 
-def end_to_end_rate(checkpoint: str, info, batch_size: int, actors: int, threads: int) -> tuple[float, float]:
-    """Images per second and seconds of distal's scoring pipeline over every row of ``info``."""
+def end_to_end_rate(checkpoint: str, info, batch_size: int, actors: int, threads: int) -> tuple[float, float, tuple[float, int]]:
+    """Images per second, seconds, and (seconds, rows) of the first scored rows of distal's scoring pipeline over every row of ``info``."""
     from distal.rundir import RunDirectory
     from distal.score import choose_candidates, score_pool
 
@@ -96,7 +96,7 @@ def end_to_end_rate(checkpoint: str, info, batch_size: int, actors: int, threads
         start = time.perf_counter()
         summary = score_pool(info, candidates, empty, checkpoint, RunDirectory(run_dir), 1, config)
         seconds = time.perf_counter() - start
-    return summary.scored / seconds, seconds
+    return summary.scored / seconds, seconds, summary.first_batch
 
 
 class ParquetImages(torch.utils.data.IterableDataset):
@@ -117,41 +117,41 @@ class ParquetImages(torch.utils.data.IterableDataset):
                     yield decoded.ok_ids, torch.from_numpy(decoded.pixels)
 
 
-def dataloader_rate(checkpoint: str, info, batch_size: int, workers: int, threads: int) -> tuple[float, float]:
-    """Images per second and seconds of a single-process DataLoader scoring loop writing one score file."""
+def dataloader_rate(checkpoint: str, info, batch_size: int, workers: int, threads: int) -> tuple[float, float, tuple[float, int]]:
+    """Images per second, seconds, and (seconds, rows) of the first scored batch of a single-process DataLoader loop writing one score file."""
     torch.set_num_threads(threads)
     learner = load_learner(checkpoint)
     loader = torch.utils.data.DataLoader(
         ParquetImages(info, batch_size), batch_size=None, num_workers=workers, pin_memory=device().type == "cuda"
     )
     ids, scores = [], []
+    first = None
     start = time.perf_counter()
     for batch_ids, pixels in loader:
         _, predicted, _ = forward_batch(learner, pixels, device())  # [B]
         ids.extend(batch_ids)
         scores.append(predicted.double().cpu().numpy())
+        first = first or (time.perf_counter() - start, len(batch_ids))
     with tempfile.TemporaryDirectory(prefix="distal-bench-loader-") as folder:
         pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "predicted_loss": np.concatenate(scores)}), f"{folder}/scores.parquet")
     seconds = time.perf_counter() - start
-    return len(ids) / seconds, seconds
+    return len(ids) / seconds, seconds, first
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", required=True, help="pool URI, for example pools/cifar10/pool")
-    parser.add_argument("--rows", type=int, help="score only the first shards holding this many rows (default: all)")
-    parser.add_argument("--width", type=int, default=16, help="ResNet-18 width (default: 16)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per model batch (default: 256)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of the model, and CPUs per scoring actor (default: 1)")
-    parser.add_argument("--actors", type=int, default=1, help="scoring actors in the end-to-end run (default: 1)")
-    parser.add_argument("--loader-workers", type=int, default=1, help="DataLoader worker processes (default: 1)")
-    parser.add_argument("--forward-rows", type=int, default=10_000, help="preloaded images for the forward pass (default: 10000)")
+    parser.add_argument("--rows", type=bench.positive_int, help="score only the first shards holding this many rows (default: all)")
+    parser.add_argument("--width", type=bench.positive_int, default=16, help="ResNet-18 width (default: 16)")
+    parser.add_argument("--batch-size", type=bench.positive_int, default=256, help="images per model batch (default: 256)")
+    parser.add_argument("--threads", type=bench.positive_int, default=1, help="torch threads of the model, and CPUs per scoring actor (default: 1)")
+    parser.add_argument("--actors", type=bench.positive_int, default=1, help="scoring actors in the end-to-end run (default: 1)")
+    parser.add_argument("--loader-workers", type=bench.positive_int, default=1, help="DataLoader worker processes (default: 1)")
+    parser.add_argument("--forward-rows", type=bench.positive_int, default=10_000, help="preloaded images for the forward pass (default: 10000)")
     args = parser.parse_args()
     configure_logging()
 
-    import common as bench
-
-    info = bench.limit_pool(validate_pool(args.pool), args.rows)
+    info = bench.limit_pool(bench.open_pool(parser, args.pool), args.rows)
     checkpoint = bench.write_checkpoint(info, args.width)
     shared = {"pool": args.pool, "rows": info.num_rows, "image_size": list(info.image_size), "width": args.width, "batch_size": args.batch_size, "threads": args.threads}
     bench.emit("scoring", mode="machine", **bench.machine())
@@ -159,14 +159,31 @@ def main() -> None:
     forward = forward_rate(checkpoint, info, min(args.forward_rows, info.num_rows), args.batch_size, args.threads)
     bench.emit("scoring", mode="forward", images_per_second=forward, **shared)
 
-    loader, loader_seconds = dataloader_rate(checkpoint, info, args.batch_size, args.loader_workers, args.threads)
-    bench.emit("scoring", mode="dataloader", images_per_second=loader, seconds=loader_seconds, loader_workers=args.loader_workers, **shared)
+    loader, loader_seconds, loader_first = dataloader_rate(checkpoint, info, args.batch_size, args.loader_workers, args.threads)
+    loader_steady = steady_rate(info.num_rows, loader_seconds, loader_first)
+    bench.emit(
+        "scoring", mode="dataloader", images_per_second=loader, seconds=loader_seconds, first_batch_seconds=loader_first[0],
+        steady_images_per_second=loader_steady, loader_workers=args.loader_workers, **shared,
+    )
 
     bench.start_local_ray()
-    end_to_end, seconds = end_to_end_rate(checkpoint, info, args.batch_size, args.actors, args.threads)
-    bench.emit("scoring", mode="end_to_end", images_per_second=end_to_end, seconds=seconds, actors=args.actors, **shared)
+    end_to_end, seconds, first = end_to_end_rate(checkpoint, info, args.batch_size, args.actors, args.threads)
+    steady = steady_rate(info.num_rows, seconds, first)
+    bench.emit(
+        "scoring", mode="end_to_end", images_per_second=end_to_end, seconds=seconds, first_batch_seconds=first[0],
+        steady_images_per_second=steady, actors=args.actors, **shared,
+    )
 
-    bench.emit("scoring", mode="ratios", end_to_end_over_forward=end_to_end / forward, end_to_end_over_dataloader=end_to_end / loader, **shared)
+    bench.emit(
+        "scoring", mode="ratios", end_to_end_over_forward=end_to_end / forward, end_to_end_over_dataloader=end_to_end / loader,
+        steady_end_to_end_over_dataloader=steady / loader_steady, **shared,
+    )
+
+
+def steady_rate(rows: int, seconds: float, first_batch: tuple[float, int]) -> float:
+    """Images per second after the first scored rows: the rate once start-up (processes, imports, model load) is over."""
+    first_seconds, first_rows = first_batch
+    return (rows - first_rows) / max(seconds - first_seconds, 1e-9)
 
 
 if __name__ == "__main__":

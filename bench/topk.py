@@ -47,11 +47,15 @@ def write_scores(folder: str, rows: int, files: int, seed: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="scores (default: 1000000)")
-    parser.add_argument("--k", type=int, default=10_000, help="selection size (default: 10000)")
-    parser.add_argument("--files", type=int, default=100, help="score files, as one per pool shard (default: 100)")
+    parser.add_argument("--rows", type=bench.positive_int, default=1_000_000, help="scores (default: 1000000)")
+    parser.add_argument("--k", type=bench.positive_int, default=10_000, help="selection size (default: 10000)")
+    parser.add_argument("--files", type=bench.positive_int, default=100, help="score files, as one per pool shard (default: 100)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.k > args.rows:
+        parser.error(f"--k {args.k} is larger than --rows {args.rows}: choose K at most the number of scores")
+    if args.files > args.rows:
+        parser.error(f"--files {args.files} is larger than --rows {args.rows}: each score file needs at least one score")
     configure_logging()
 
     bench.emit("topk", mode="machine", **bench.machine())

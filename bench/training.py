@@ -23,7 +23,6 @@ import pyarrow as pa
 
 from distal import config as config_module
 from distal.cycle import oracle_lookup
-from distal.pool import validate_pool
 from distal.progress import configure_logging
 from distal.score import choose_candidates
 from distal.train import train
@@ -32,22 +31,22 @@ from distal.train import train
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pool", required=True, help="pool URI with a label column, for example pools/cifar10/pool")
-    parser.add_argument("--labeled", type=int, default=5000, help="labeled images to train on (default: 5000)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default: 3)")
-    parser.add_argument("--width", type=int, default=16, help="ResNet-18 width (default: 16)")
-    parser.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default: 1,2)")
+    parser.add_argument("--labeled", type=bench.positive_int, default=5000, help="labeled images to train on (default: 5000)")
+    parser.add_argument("--epochs", type=bench.positive_int, default=3, help="epochs per run (default: 3)")
+    parser.add_argument("--width", type=bench.positive_int, default=16, help="ResNet-18 width (default: 16)")
+    parser.add_argument("--batch-size", type=bench.positive_int, default=128, help="global batch size (default: 128)")
+    parser.add_argument("--workers", type=bench.positive_ints, default=[1, 2], help="comma-separated worker counts (default: 1,2)")
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="CPUs per worker (default: 1 for one worker, else 0.5)")
     parser.add_argument("--bf16", action="store_true", help="train under bfloat16 autocast (CUDA workers only)")
     args = parser.parse_args()
     configure_logging()
 
     bench.emit("training", mode="machine", **bench.machine())
-    info = validate_pool(args.pool, require_label=True)
+    info = bench.open_pool(parser, args.pool, require_label=True)
     chosen = choose_candidates(info, pa.array([], pa.string()), args.labeled, seed=0)
     labels = oracle_lookup(info, chosen.ids, source="bench")
     bench.start_local_ray()
-    for workers in [int(value) for value in args.workers.split(",")]:
+    for workers in args.workers:
         cpus = args.cpus_per_worker or (1.0 if workers == 1 else 0.5)
         config = config_module.from_dict(
             {
