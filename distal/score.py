@@ -89,6 +89,7 @@ class ScoreSummary:
     conversions: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     score_stats: dict[str, float] = field(default_factory=dict)
+    first_batch: tuple[float, int] | None = None  # seconds from the start of the pipeline to its first scored rows, and their count
 
 
 def choose_candidates(info: PoolInfo, labeled_ids: pa.Array, subset_size: int | None, seed: int) -> Candidates:
@@ -238,11 +239,13 @@ def score_pool(
         _write_score_file(run, scores_dir, shard_name(shard), score_schema(features).empty_table())
     todo = [shard for shard in todo if expected[shard_name(shard)] > 0]
     log.info("stage=score shards=%d already_scored=%d to_score=%d candidates=%d", len(expected), len(done), len(todo), candidates.count)
+    first_batch = None
     if todo:
-        _score_shards(info, todo, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config, features)
+        first_batch = _score_shards(info, todo, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config, features)
     files = [f"{scores_dir}/{name}" for name in expected]
     summary = summarize_scores(run, files, column=SCORE_COLUMNS.get(strategy))
     summary.seconds = time.monotonic() - start
+    summary.first_batch = first_batch
 
     total = summary.scored + len(summary.skipped)
     if total and len(summary.skipped) / total > config.max_skip_fraction:
@@ -291,12 +294,18 @@ def _scoring_dataset(info: PoolInfo, shards: list[str], keep: pa.Array | None, d
     )
 
 
-def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config, features) -> None:
+def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_uri, run, scores_dir, config, features) -> tuple[float, int] | None:
+    """Stream the scores of some shards into their score files; return the seconds until the first scored rows, and their count."""
+    start = time.monotonic()
+    first_batch = None
     dataset = _scoring_dataset(info, shards, candidates.ids, labeled_ids, checkpoint_uri, config, features)
     pending: dict[str, list[pa.Table]] = {}
     received: Counter[str] = Counter()
     progress = Progress(log, "score", total=sum(expected[shard_name(shard)] for shard in shards))
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if first_batch is None:
+            first_batch = (time.monotonic() - start, table.num_rows)
+            log.info("stage=score first_rows=%d after=%.1fs", table.num_rows, first_batch[0])
         skipped = table.num_rows - table.column("skip_reason").null_count
         for name in pc.unique(table.column("shard")).to_pylist():
             part = table.filter(pc.equal(table.column("shard"), name))
@@ -314,6 +323,7 @@ def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_ur
             f"Scoring returned {got} rows for shard {name} but {want} were expected; the pool changed while "
             "this cycle ran. Rerun the job; shards already scored are kept."
         )
+    return first_batch
 
 
 def _write_score_file(run: RunDirectory, scores_dir: str, name: str, table: pa.Table) -> None:
