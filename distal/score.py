@@ -305,7 +305,7 @@ def _score_shards(info, shards, expected, candidates, labeled_ids, checkpoint_ur
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         if first_batch is None:
             first_batch = (time.monotonic() - start, table.num_rows)
-            log.info("stage=score first_rows=%d after=%.1fs", table.num_rows, first_batch[0])
+            log.info("stage=score first_rows=%d seconds=%.1f", table.num_rows, first_batch[0])
         skipped = table.num_rows - table.column("skip_reason").null_count
         for name in pc.unique(table.column("shard")).to_pylist():
             part = table.filter(pc.equal(table.column("shard"), name))
